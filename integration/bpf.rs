@@ -1,0 +1,2 @@
+//! bpf tests (in progress)
+mod harness;

@@ -1,0 +1,2 @@
+//! datapath tests (in progress)
+mod harness;

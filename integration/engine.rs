@@ -1,0 +1,2 @@
+//! engine tests (in progress)
+mod harness;

@@ -1,0 +1,1 @@
+//! The file source: a directory of Kubernetes objects as YAML.

@@ -1,0 +1,1 @@
+//! Typed Veil objects (CRDs) as they appear in YAML.

@@ -1,0 +1,1 @@
+//! wireguard (in progress)
