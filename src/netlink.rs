@@ -166,12 +166,8 @@ impl Netlink {
             while let Some(r) = rules.try_next().await.map_err(req("dump rules"))? {
                 let prio = r
                     .attributes
-                    .iter()
-                    .any(|a| *a == RuleAttribute::Priority(RULE_PRIORITY));
-                let table = r
-                    .attributes
-                    .iter()
-                    .any(|a| *a == RuleAttribute::Table(TABLE));
+                    .contains(&RuleAttribute::Priority(RULE_PRIORITY));
+                let table = r.attributes.contains(&RuleAttribute::Table(TABLE));
                 if prio && table {
                     out.push(r);
                 }
