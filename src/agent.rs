@@ -1,1 +1,339 @@
-//! agent (in progress)
+//! The agent runtime: one loop that reads the cluster source, computes the
+//! desired state (pure, [`crate::reconcile`]) and hands it to the appliers —
+//! the WireGuard engine, the BPF maps and attachments, and the routing safety net.
+//!
+//! It reconciles on every change the source reports and on a periodic resync
+//! (the CNI may create a pod's veth after the Pod object appears). An applier
+//! that fails logs why and is retried on the next pass; the others still run,
+//! so the node keeps its last good state.
+//!
+//! On exit the agent leaves the pod-side BPF filters and the strict-mode
+//! blackholes in place on purpose: with the agent gone, remote-pod traffic is
+//! redirected into a TUN that no longer exists or hits a blackhole — it is
+//! dropped, never sent in plaintext (fail closed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tracing::{debug, error, info, warn};
+
+use crate::cluster::file::FileSource;
+use crate::cluster::{Announcement, ClusterState, Diagnostic, PublicKey};
+use crate::datapath::{Datapath, DatapathConfig, EndpointValue, RemoteValue};
+use crate::netlink::{fallback, Netlink};
+use crate::reconcile::{self, Desired};
+use crate::wireguard::{Engine, EngineConfig, PeerConfig};
+
+/// Underlay MTU minus the largest WireGuard overhead (IPv6 40 + UDP 8 + WireGuard 32).
+pub const DEFAULT_MTU: u16 = 1420;
+pub const DEFAULT_PORT: u16 = 51820;
+pub const DEFAULT_TUN: &str = "veil0";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: String,
+    pub cluster_dir: PathBuf,
+    pub key_dir: PathBuf,
+    pub uapi_socket: Option<PathBuf>,
+    pub tun_name: String,
+    pub listen_port: u16,
+    pub mtu: u16,
+    /// Full resync period, on top of change notifications.
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("key store {dir}: {source}")]
+    Keys {
+        dir: PathBuf,
+        #[source]
+        source: keymgr::Error,
+    },
+    #[error("starting the WireGuard engine on {tun}: {source}")]
+    Engine {
+        tun: String,
+        #[source]
+        source: crate::wireguard::Error,
+    },
+    #[error("loading the eBPF datapath: {0}")]
+    Datapath(#[from] crate::datapath::Error),
+    #[error("{0}")]
+    Netlink(#[from] crate::netlink::Error),
+    #[error("watching cluster dir {dir}: {source}")]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: crate::cluster::file::Error,
+    },
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let store = keymgr::KeyStore::new(&cfg.key_dir);
+    let key = store
+        .load_or_generate_wireguard()
+        .map_err(|source| Error::Keys {
+            dir: cfg.key_dir.clone(),
+            source,
+        })?;
+    let engine = Engine::start(EngineConfig {
+        tun_name: cfg.tun_name.clone(),
+        mtu: cfg.mtu,
+        listen_port: cfg.listen_port,
+        private_key: key.secret(),
+        uapi_socket: cfg.uapi_socket.clone(),
+    })
+    .map_err(|source| Error::Engine {
+        tun: cfg.tun_name.clone(),
+        source,
+    })?;
+    info!(
+        node = %cfg.node,
+        tun = engine.tun_name(),
+        port = engine.listen_port(),
+        public_key = %PublicKey(engine.public_key()),
+        generation = key.generation(),
+        "WireGuard engine up"
+    );
+    disable_rp_filter(engine.tun_name());
+
+    let mut datapath = Datapath::load()?;
+    datapath.attach_tun(engine.tun_name())?;
+    let netlink = Netlink::connect()?;
+
+    let mut source = FileSource::new(cfg.cluster_dir.clone());
+    let (_watcher, mut changes) = source.watch().map_err(|source| Error::Watch {
+        dir: cfg.cluster_dir.clone(),
+        source,
+    })?;
+
+    let mut node = Node {
+        cfg: cfg.clone(),
+        engine,
+        datapath,
+        netlink,
+        peers: None,
+        attached: BTreeMap::new(),
+        diagnostics: BTreeSet::new(),
+        published: None,
+    };
+    let mut resync = tokio::time::interval(cfg.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = changes.recv() => debug!("cluster dir changed"),
+            _ = resync.tick() => {}
+        }
+        // Coalesce a burst of change events into one pass.
+        while changes.try_recv().is_ok() {}
+        let (state, diags) = source.load();
+        node.reconcile(&state, diags).await;
+    }
+    info!("shutting down; BPF filters and strict-mode blackholes stay in place (fail closed)");
+    node.engine.shutdown();
+    Ok(())
+}
+
+/// This node's appliers and what they last applied.
+struct Node {
+    cfg: Config,
+    engine: Engine,
+    datapath: Datapath,
+    netlink: Netlink,
+    peers: Option<Vec<PeerConfig>>,
+    /// Host-side pod interfaces with `from_pod` attached: name -> ifindex.
+    attached: BTreeMap<String, u32>,
+    /// Problems currently reported, so each is logged once, not on every pass.
+    diagnostics: BTreeSet<String>,
+    published: Option<Announcement>,
+}
+
+impl Node {
+    async fn reconcile(&mut self, state: &ClusterState, mut diags: Vec<Diagnostic>) {
+        let outcome = reconcile::desired(state, &self.cfg.node);
+        diags.extend(outcome.diagnostics);
+        self.report(diags);
+        let desired = outcome.desired;
+
+        self.announce(state, &desired);
+        self.apply_peers(&desired);
+        if let Err(e) = self.apply_datapath(&desired).await {
+            error!("applying the datapath: {e}; retrying on the next pass");
+        }
+        let plan = fallback::plan(&desired, Some(self.engine.tun_ifindex()));
+        if let Err(e) = self
+            .netlink
+            .sync_fallback(&plan, fallback::wants_rule(&desired))
+            .await
+        {
+            error!("applying the routing safety net: {e}; retrying on the next pass");
+        }
+    }
+
+    fn report(&mut self, diags: Vec<Diagnostic>) {
+        let now: BTreeSet<String> = diags.iter().map(ToString::to_string).collect();
+        for d in &diags {
+            if !self.diagnostics.contains(&d.to_string()) {
+                warn!(source = %d.source, object = %d.object, "skipped: {}", d.problem);
+            }
+        }
+        for gone in self.diagnostics.difference(&now) {
+            info!("resolved: {gone}");
+        }
+        self.diagnostics = now;
+    }
+
+    /// Publishes this node's announcement when it is missing or out of date.
+    fn announce(&mut self, state: &ClusterState, desired: &Desired) {
+        if !state.nodes.contains_key(&self.cfg.node) {
+            warn!(node = %self.cfg.node, "no Node object for this node yet; not announcing");
+            return;
+        }
+        let want = Announcement {
+            node: self.cfg.node.clone(),
+            public_key: PublicKey(self.engine.public_key()),
+            listen_port: self.engine.listen_port(),
+            pod_cidrs: desired.local_pod_cidrs.clone(),
+            endpoint: None,
+        };
+        let current = state.announcements.get(&self.cfg.node);
+        if current == Some(&want) && self.published.as_ref() == Some(&want) {
+            return;
+        }
+        let source = FileSource::new(self.cfg.cluster_dir.clone());
+        match source.publish_announcement(&want) {
+            Ok(()) => {
+                info!(public_key = %want.public_key, port = want.listen_port, "announced this node");
+                self.published = Some(want);
+            }
+            Err(e) => error!("publishing this node's announcement: {e}"),
+        }
+    }
+
+    fn apply_peers(&mut self, desired: &Desired) {
+        let peers: Vec<PeerConfig> = desired
+            .peers
+            .values()
+            .map(|p| PeerConfig {
+                public_key: p.public_key.0,
+                endpoint: Some(p.endpoint),
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: None,
+            })
+            .collect();
+        if self.peers.as_ref() == Some(&peers) {
+            return;
+        }
+        for p in desired.peers.values() {
+            info!(peer = %p.node, endpoint = %p.endpoint, allowed_ips = ?p.allowed_ips, key = %p.public_key, "peer");
+        }
+        self.engine.set_peers(peers.clone());
+        self.peers = Some(peers);
+    }
+
+    async fn apply_datapath(&mut self, desired: &Desired) -> Result<(), Error> {
+        // Maps first, attachments last: a freshly attached program must never
+        // see empty maps (it would pass remote traffic to the plaintext route).
+        self.datapath.set_config(DatapathConfig {
+            enabled: desired.encryption_enabled,
+            strict: desired.strict,
+            tun_ifindex: self.engine.tun_ifindex(),
+            tun_mtu: self.cfg.mtu,
+        })?;
+        let nodes: BTreeMap<&str, u32> = desired
+            .remote_cidrs
+            .values()
+            .map(|r| r.node.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .zip(1..)
+            .collect();
+        let remote: BTreeMap<IpNet, RemoteValue> = desired
+            .remote_cidrs
+            .iter()
+            .map(|(cidr, r)| {
+                let value = RemoteValue {
+                    has_peer: r.peer.is_some(),
+                    node_id: nodes.get(r.node.as_str()).copied().unwrap_or(0),
+                };
+                (*cidr, value)
+            })
+            .collect();
+        self.datapath.sync_remote(&remote)?;
+        let ipcache: BTreeMap<IpAddr, u32> = desired
+            .ipcache
+            .iter()
+            .map(|(ip, id)| (*ip, id.0))
+            .collect();
+        self.datapath.sync_ipcache(&ipcache)?;
+
+        let routes = self.netlink.host_routes().await?;
+        let names = self.netlink.link_names().await?;
+        let mut endpoints = BTreeMap::new();
+        let mut want_attached = BTreeMap::new();
+        for (ip, ep) in &desired.local_endpoints {
+            let Some((ifindex, ifname)) = routes
+                .get(ip)
+                .and_then(|i| names.get(i).map(|n| (*i, n.clone())))
+            else {
+                debug!(pod = %format!("{}/{}", ep.namespace, ep.name), %ip, "no host route to the pod yet");
+                continue;
+            };
+            endpoints.insert(
+                *ip,
+                EndpointValue {
+                    identity: ep.identity.0,
+                    ifindex,
+                },
+            );
+            want_attached.insert(ifname, ifindex);
+        }
+        self.datapath.sync_endpoints(&endpoints)?;
+
+        for (ifname, ifindex) in &want_attached {
+            if self.attached.get(ifname) == Some(ifindex) {
+                continue;
+            }
+            match self.datapath.attach_pod(ifname) {
+                Ok(()) => {
+                    info!(interface = %ifname, "steering pod traffic");
+                    self.attached.insert(ifname.clone(), *ifindex);
+                }
+                Err(e) => error!(interface = %ifname, "attaching from_pod: {e}"),
+            }
+        }
+        let stale: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|n| !want_attached.contains_key(*n))
+            .cloned()
+            .collect();
+        for ifname in stale {
+            self.attached.remove(&ifname);
+            // The veth usually went away with its pod; only a live one needs detaching.
+            if names.values().any(|n| *n == ifname) {
+                if let Err(e) = self.datapath.detach_pod(&ifname) {
+                    warn!(interface = %ifname, "detaching from_pod: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decrypted packets arrive on the TUN with pod source addresses that the
+/// kernel's reverse-path filter would reject (their route points elsewhere);
+/// cryptokey routing already authenticated them.
+fn disable_rp_filter(tun: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
+    if let Err(e) = std::fs::write(&path, "0") {
+        warn!("cannot write {path}: {e}");
+    }
+}
