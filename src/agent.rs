@@ -85,7 +85,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tun_name: cfg.tun_name.clone(),
         mtu: cfg.mtu,
         listen_port: cfg.listen_port,
-        private_key: key.secret(),
+        private_key: key.key.as_static_secret().clone(),
         uapi_socket: cfg.uapi_socket.clone(),
     })
     .map_err(|source| Error::Engine {
@@ -97,7 +97,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tun = engine.tun_name(),
         port = engine.listen_port(),
         public_key = %PublicKey(engine.public_key()),
-        generation = key.generation(),
+        generation = key.generation,
         "WireGuard engine up"
     );
     disable_rp_filter(engine.tun_name());
