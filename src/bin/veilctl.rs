@@ -1,1 +1,155 @@
-fn main() {}
+//! `veilctl`: operate Veil. Today against the file source (`--cluster-dir`).
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use veil::cluster::file::FileSource;
+use veil::cluster::ClusterState;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Operate Veil: status, the cluster-wide encryption flag")]
+struct Cli {
+    /// Directory of Kubernetes objects as YAML (the file cluster source).
+    #[arg(long, env = "VEIL_CLUSTER_DIR", global = true, default_value = ".")]
+    cluster_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show the encryption flag, every node, its announcement, and any problem found.
+    Status,
+    /// Turn encryption on cluster-wide.
+    Enable {
+        /// Fail closed: never send remote pod traffic in plaintext (default).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        strict: bool,
+    },
+    /// Turn encryption off cluster-wide.
+    Disable,
+}
+
+/// The file `veilctl` writes the cluster config to.
+const CONFIG_FILE: &str = "veil-cluster-config.yaml";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Status => status(&cli.cluster_dir),
+        Command::Enable { strict } => set_encryption(&cli.cluster_dir, true, strict),
+        Command::Disable => set_encryption(&cli.cluster_dir, false, true),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veilctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(dir: &Path) -> Result<(), String> {
+    if !dir.is_dir() {
+        return Err(format!("cluster dir {} is not a directory", dir.display()));
+    }
+    let (state, diags) = FileSource::new(dir).load();
+    print!("{}", render_status(&state));
+    if !diags.is_empty() {
+        println!("\nproblems ({}; the objects named are skipped):", diags.len());
+        for d in &diags {
+            println!("  {d}");
+        }
+    }
+    Ok(())
+}
+
+fn render_status(state: &ClusterState) -> String {
+    use std::fmt::Write as _;
+    let c = state.config;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "encryption: {}  strict: {}",
+        if c.encryption_enabled { "enabled" } else { "disabled" },
+        if c.strict { "on" } else { "off" }
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<20} {:<16} {:<6} {:<46} PORT",
+        "NODE", "POD CIDRS", "INTERNAL IP", "PODS", "PUBLIC KEY"
+    );
+    for (name, node) in &state.nodes {
+        let cidrs: Vec<String> = node.pod_cidrs.iter().map(ToString::to_string).collect();
+        let pods = state
+            .pods
+            .values()
+            .filter(|p| p.node_name.as_deref() == Some(name.as_str()))
+            .count();
+        let (key, port) = match state.announcements.get(name) {
+            Some(a) => (a.public_key.to_string(), a.listen_port.to_string()),
+            None => ("(not announced)".to_string(), "-".to_string()),
+        };
+        let ip = node
+            .internal_ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{name:<16} {:<20} {ip:<16} {pods:<6} {key:<46} {port}",
+            cidrs.join(",")
+        );
+    }
+    out
+}
+
+fn set_encryption(dir: &Path, enabled: bool, strict: bool) -> Result<(), String> {
+    if !dir.is_dir() {
+        return Err(format!("cluster dir {} is not a directory", dir.display()));
+    }
+    let path = dir.join(CONFIG_FILE);
+    // The config may only be defined once; refuse to create a second definition.
+    if let Some(other) = config_defined_elsewhere(dir, &path) {
+        return Err(format!(
+            "VeilClusterConfig/default is defined in {}; change it there (veilctl manages only {})",
+            other.display(),
+            path.display()
+        ));
+    }
+    let yaml = format!(
+        "apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata:\n  name: default\nspec:\n  encryption:\n    enabled: {enabled}\n    strict: {strict}\n"
+    );
+    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
+    std::fs::write(&tmp, yaml).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("renaming to {}: {e}", path.display()))?;
+    println!(
+        "encryption {} (strict {}) in {}",
+        if enabled { "enabled" } else { "disabled" },
+        if strict { "on" } else { "off" },
+        path.display()
+    );
+    Ok(())
+}
+
+/// Another YAML file under `dir` that defines a `VeilClusterConfig`.
+fn config_defined_elsewhere(dir: &Path, ours: &Path) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p != ours
+                && p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && std::fs::read_to_string(&p)
+                    .is_ok_and(|s| s.lines().any(|l| l.trim() == "kind: VeilClusterConfig"))
+            {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
