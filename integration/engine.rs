@@ -487,6 +487,8 @@ fn interop_with_wireguard_go() {
     // learn its endpoint from the authenticated handshake (roaming).
     let kb_pub = PublicKey::from(&kb).to_bytes();
     ea.set_peers(vec![peer(kb_pub, None, "10.244.2.0/24")]);
+    assert!(!ping(&a, &["10.244.2.1"]), "no endpoint yet: must not pass");
+    assert!(ea.counters().dropped_no_endpoint > 0, "{:?}", ea.counters());
     assert!(
         wait_until(Duration::from_secs(10), || ping(&b, &["10.244.1.1"])),
         "ping wireguard-go -> engine never succeeded"
@@ -510,4 +512,129 @@ fn interop_with_wireguard_go() {
     let show = wg(&["show", &name_g]);
     assert!(show.contains(&format!("peer: {ka_pub}")), "{show}");
     assert!(show.contains("latest handshake:"), "{show}");
+}
+
+fn handshake_time(e: &Engine) -> std::time::SystemTime {
+    e.peer_stats()[0]
+        .last_handshake
+        .expect("a handshake happened")
+}
+
+#[test]
+fn set_peers_diffs_by_public_key() {
+    require_root();
+    let p = Pair::new(1500);
+    assert!(wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])));
+    let first = handshake_time(p.ea());
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // Re-applying the same set keeps the session: no new handshake.
+    p.configure_a();
+    assert!(p.ping_a_to_b(&[]));
+    let again = handshake_time(p.ea());
+    let drift = again.duration_since(first).unwrap_or_else(|e| e.duration());
+    assert!(
+        drift < Duration::from_millis(500),
+        "session was replaced ({drift:?})"
+    );
+
+    // An endpoint change applies in place.
+    let kb = PublicKey::from(&p.kb).to_bytes();
+    let mut moved = peer(kb, Some("198.18.0.99"), "10.244.2.0/24");
+    p.ea().set_peers(vec![moved.clone()]);
+    assert_eq!(
+        p.ea().peer_stats()[0].endpoint,
+        Some(format!("198.18.0.99:{PORT}").parse().unwrap())
+    );
+    moved.endpoint = Some(format!("{B_UNDERLAY}:{PORT}").parse().unwrap());
+
+    // A persistent keepalive makes A talk while idle (boringtun fixes the
+    // interval at creation, so this re-creates the peer and re-handshakes).
+    moved.persistent_keepalive = Some(1);
+    p.ea().set_peers(vec![moved]);
+    assert!(wait_until(Duration::from_secs(3), || p.ea().peer_stats()
+        [0]
+    .has_session));
+    let rx0 = p.eb().counters().udp_rx_datagrams;
+    assert!(
+        wait_until(Duration::from_secs(4), || p
+            .eb()
+            .counters()
+            .udp_rx_datagrams
+            >= rx0 + 2),
+        "no persistent keepalives: {:?}",
+        p.eb().counters()
+    );
+
+    // Removing the peer stops traffic to it.
+    p.ea().set_peers(Vec::new());
+    assert!(p.ea().peer_stats().is_empty());
+    let before = p.ea().counters().dropped_no_peer;
+    assert!(!p.ping_a_to_b(&[]));
+    assert!(p.ea().counters().dropped_no_peer > before);
+}
+
+#[test]
+fn start_errors_and_uapi_socket_hygiene() {
+    require_root();
+    let prefix = unique_prefix();
+    let ns = Netns::new(format!("{prefix}a"));
+    let name = format!("{prefix}a");
+    let sock = uapi_path(&name);
+
+    // A stale socket (nobody listening) is replaced.
+    std::fs::create_dir_all("/var/run/wireguard").expect("socket dir");
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("stale socket"));
+    assert!(sock.exists());
+    let key = new_key();
+    let engine = start_engine(&ns, &name, key.clone(), "10.244.1.1", "10.244.2.0/24");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "UAPI socket must be owner-only");
+    assert_eq!(engine.public_key(), PublicKey::from(&key).to_bytes());
+
+    // The TUN name is taken.
+    let cfg = |tun: &str, uapi: Option<PathBuf>| EngineConfig {
+        tun_name: tun.to_owned(),
+        mtu: 1420,
+        listen_port: 0,
+        private_key: new_key(),
+        uapi_socket: uapi,
+    };
+    let c = cfg(&name, None);
+    let err = ns.run(move || Engine::start(c).err().expect("duplicate TUN must fail"));
+    assert!(err.to_string().contains(&name), "{err}");
+    // A live UAPI socket is not stolen.
+    let other = format!("{prefix}z");
+    let c = cfg(&other, Some(sock.clone()));
+    let err = ns.run(move || Engine::start(c).err().expect("live UAPI socket must fail"));
+    assert!(
+        matches!(err, veil::wireguard::Error::UapiInUse { .. }),
+        "{err}"
+    );
+    assert!(
+        !ns.exec(&["ip", "link", "show", &other]).status.success(),
+        "failed start cleaned up"
+    );
+    // The UDP port is taken.
+    let mut c = cfg(&other, None);
+    c.listen_port = PORT;
+    let err = ns.run(move || Engine::start(c).err().expect("port in use must fail"));
+    assert!(
+        matches!(err, veil::wireguard::Error::Bind { port: PORT, .. }),
+        "{err}"
+    );
+    // Bad names are refused before touching the system.
+    let c = cfg("this-name-is-too-long", None);
+    let err = ns.run(move || Engine::start(c).err().expect("long name must fail"));
+    assert!(
+        matches!(err, veil::wireguard::Error::InvalidTunName(_)),
+        "{err}"
+    );
+
+    engine.shutdown();
+    assert!(!sock.exists());
 }

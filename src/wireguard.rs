@@ -988,7 +988,7 @@ impl Shared {
             match listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(false).is_ok() {
-                        uapi::serve_client(stream, self, &self.tun_name);
+                        uapi::serve_client(stream, self, &self.tun_name, uapi::CLIENT_DEADLINE);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1042,6 +1042,13 @@ impl uapi::UapiSource for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        // The agent moves the engine between threads and shares it across tasks.
+        fn check<T: Send + Sync>() {}
+        check::<Engine>();
+    }
 
     #[test]
     fn interface_names() {

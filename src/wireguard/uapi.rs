@@ -16,10 +16,10 @@
 
 use super::PeerStats;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// Errors in a UAPI request. These are replied to the client, never panicked on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -158,8 +158,27 @@ pub trait UapiSource {
     fn peer_views(&self) -> Vec<PeerView>;
 }
 
-/// Per-client timeouts: `wg` writes its request at once and reads the reply.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Per-client budget: `wg` writes its request at once and reads the reply, so a
+/// client still talking after this long is stuck or hostile and is cut off.
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// A reader that fails with `TimedOut` once a fixed deadline has passed, so a
+/// client trickling one byte at a time cannot hold the server forever.
+struct DeadlineReader {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
 
 /// Reads one request's lines; `Ok(None)` on a clean EOF before any line.
 fn read_request<R: BufRead>(
@@ -177,8 +196,8 @@ fn read_request<R: BufRead>(
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 return Err(UapiError::NotUtf8)
             }
-            // Timeouts and resets end the conversation like EOF.
-            Err(_) => 0,
+            // A client that timed out or reset mid-request gets no reply.
+            Err(_) => return Ok(None),
         };
         if n == 0 {
             return if lines.is_empty() {
@@ -205,10 +224,9 @@ fn read_request<R: BufRead>(
     }
 }
 
-/// Serves one client connection until EOF, error or timeout.
-pub fn serve_client<S: UapiSource>(stream: UnixStream, source: &S, iface: &str) {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+/// Serves one client connection until EOF, error or `budget` has passed.
+pub fn serve_client<S: UapiSource>(stream: UnixStream, source: &S, iface: &str, budget: Duration) {
+    let _ = stream.set_write_timeout(Some(budget));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -216,7 +234,10 @@ pub fn serve_client<S: UapiSource>(stream: UnixStream, source: &S, iface: &str) 
             return;
         }
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(DeadlineReader {
+        stream,
+        deadline: Instant::now() + budget,
+    });
     let mut line = String::new();
     loop {
         let reply = match read_request(&mut reader, &mut line) {
@@ -260,7 +281,6 @@ pub fn serve_client<S: UapiSource>(stream: UnixStream, source: &S, iface: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     fn view() -> PeerView {
         PeerView {
@@ -358,7 +378,7 @@ mod tests {
 
     fn exchange(request: &[u8]) -> String {
         let (client, server) = UnixStream::pair().expect("socketpair");
-        let t = std::thread::spawn(move || serve_client(server, &Fixed, "test0"));
+        let t = std::thread::spawn(move || serve_client(server, &Fixed, "test0", CLIENT_DEADLINE));
         let mut w = client.try_clone().expect("clone");
         let request = request.to_vec();
         // The server may hang up before an oversized request is fully written.
@@ -392,5 +412,25 @@ mod tests {
         let mut huge = b"set=1\n".to_vec();
         huge.extend(std::iter::repeat_n(b'a', MAX_REQUEST + 10));
         assert_eq!(exchange(&huge), "errno=22\n\n");
+    }
+
+    #[test]
+    fn slow_client_is_cut_off() {
+        let (client, server) = UnixStream::pair().expect("socketpair");
+        let start = Instant::now();
+        let t = std::thread::spawn(move || {
+            serve_client(server, &Fixed, "test0", Duration::from_millis(300))
+        });
+        let mut c = client;
+        // Half a request, then silence (the connection stays open).
+        c.write_all(b"get=1\n").expect("write");
+        t.join().expect("server thread");
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        // The incomplete request is not answered; the connection is closed.
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("read");
+        assert_eq!(out, "");
     }
 }
