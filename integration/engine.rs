@@ -244,6 +244,8 @@ fn two_engines_ping_tcp_and_wg_show() {
     );
     assert!(ping(&p.b, &["10.244.1.1"]), "ping B -> A");
     tcp_transfer(&p.a, &p.b, 2 << 20);
+    let link = p.a.exec_ok(&["ip", "link", "show", &p.name_a]);
+    assert!(link.contains("mtu 1420") && link.contains(",UP"), "{link}");
 
     let stats = p.ea().peer_stats();
     assert_eq!(stats.len(), 1);
@@ -627,6 +629,12 @@ fn start_errors_and_uapi_socket_hygiene() {
         matches!(err, veil::wireguard::Error::Bind { port: PORT, .. }),
         "{err}"
     );
+    // An MTU the kernel refuses is reported as such, and the device is removed.
+    let mut c = cfg(&other, None);
+    c.mtu = 10;
+    let err = ns.run(move || Engine::start(c).err().expect("MTU 10 must fail"));
+    assert!(err.to_string().contains("set MTU"), "{err}");
+    assert!(!ns.exec(&["ip", "link", "show", &other]).status.success());
     // Bad names are refused before touching the system.
     let c = cfg("this-name-is-too-long", None);
     let err = ns.run(move || Engine::start(c).err().expect("long name must fail"));

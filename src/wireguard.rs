@@ -84,6 +84,8 @@ const WG_OVERHEAD: usize = 32;
 /// own device uses 100; each handshake passes the shared limiter twice (our
 /// pre-demux check and `Tunn::decapsulate`), hence the factor of two.
 const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+/// Reject-After-Time from the WireGuard whitepaper §6.1.
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// Socket buffers: large enough for bursts at multi-Gbit/s without drops.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -457,15 +459,16 @@ impl Engine {
             let name = name.clone();
             move |source| Error::TunConfig { name, what, source }
         };
+        // IFF_TUN | IFF_NO_PI (tun-rs's Linux default): raw IP packets, no header.
         let tun = tun_rs::DeviceBuilder::new()
             .name(&cfg.tun_name)
-            .mtu(cfg.mtu)
-            .enable(true)
             .build_sync()
             .map_err(|source| Error::Tun {
                 name: name.clone(),
                 source,
             })?;
+        tun.set_mtu(cfg.mtu).map_err(tun_err("set MTU"))?;
+        tun.enabled(true).map_err(tun_err("bring up"))?;
         // Reads are driven by poll() so the thread can notice shutdown.
         tun.set_nonblocking(true)
             .map_err(tun_err("set non-blocking"))?;
@@ -1018,7 +1021,9 @@ impl Shared {
                         last_handshake: since.and_then(|d| now.checked_sub(d)),
                         rx_bytes: rx as u64,
                         tx_bytes: tx as u64,
-                        has_session: since.is_some(),
+                        // A session older than Reject-After-Time can no longer
+                        // carry data (whitepaper §6.1), even if boringtun keeps it.
+                        has_session: since.is_some_and(|d| d < REJECT_AFTER_TIME),
                     },
                     persistent_keepalive: st.config.persistent_keepalive,
                 }
