@@ -1,1 +1,1077 @@
-//! wireguard (in progress)
+//! The userspace WireGuard engine: a TUN device (`veil0`), one UDP socket and a
+//! `boringtun::noise::Tunn` per peer. boringtun supplies only the protocol
+//! state machine; this module owns all I/O, threads, timers and peer demux.
+//!
+//! # Threads
+//! - **tun->udp**: reads plaintext IP packets from the TUN device (64 KiB buffer,
+//!   because eBPF `bpf_redirect` into a TUN skips the MTU check, so packets can
+//!   be larger than the device MTU), picks the peer by longest-prefix match of
+//!   the destination over all AllowedIPs, encrypts, sends to the endpoint.
+//! - **udp->tun**: receives datagrams, demuxes them to a peer (see
+//!   [`packet::demux`]), decrypts, applies cryptokey routing on the inner source
+//!   address, writes to the TUN device. Replies the protocol asks for
+//!   (handshake responses, cookies, queued packets) go back out immediately.
+//! - **timers**: every [`TIMER_TICK`] calls `Tunn::update_timers` for each peer
+//!   (handshake retries, rekeying, keepalives) and resets the shared rate limiter.
+//! - **uapi** (optional): serves `wg show` on the standard Unix socket.
+//!
+//! All loops wake at least every [`POLL_INTERVAL`] to notice shutdown, so
+//! [`Engine::shutdown`] joins them promptly and then closes the TUN fd, which
+//! makes the (non-persistent) device disappear.
+//!
+//! # State and locking
+//! The peer set is an immutable snapshot (`Arc<PeerSet>`: maps by key and by
+//! index plus the AllowedIPs trie) behind a `RwLock`; hot loops take the read
+//! lock only to clone the `Arc`. [`Engine::set_peers`] builds a new snapshot and
+//! swaps it in. Per-peer mutable state (the `Tunn`, the current endpoint) sits
+//! behind a per-peer `parking_lot::Mutex`; unchanged peers carry their `Arc<Peer>`
+//! into the new snapshot, so their sessions survive reconfiguration.
+//!
+//! # Demux
+//! Handshake initiations carry no receiver index: the initiator's static key is
+//! decrypted with ours (`parse_handshake_anon`) and looked up by public key.
+//! Every other message carries the receiver index we chose, which boringtun
+//! builds as `(peer_index << 8) | session`, so `receiver_index >> 8` finds the
+//! peer. MAC1 (and, under load, the cookie/MAC2 check) runs first through the
+//! one `RateLimiter` shared by all peers, before any Diffie-Hellman work.
+//!
+//! # Why `IP_PMTUDISC_DONT`
+//! An encrypted packet is 32 bytes (+ UDP/IP headers) larger than its payload,
+//! and TUN packets can exceed the TUN MTU (see above). With the default
+//! path-MTU discovery the socket sets DF and a too-large datagram is dropped
+//! (locally with EMSGSIZE, or by a router that sends an ICMP error nobody acts
+//! on): an MTU black hole. With `IP_PMTUDISC_DONT` (and `IPV6_PMTUDISC_DONT`)
+//! the kernel fragments the UDP datagram instead (ip(7), ipv6(7)). The other
+//! half of the story is MSS clamping in eBPF, which keeps TCP from relying on
+//! fragmentation at all.
+
+pub mod lpm;
+pub mod packet;
+pub mod uapi;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::PublicKey;
+use ipnet::IpNet;
+use lpm::LpmTable;
+use packet::{CryptokeyVerdict, Demux};
+use parking_lot::{Mutex, RwLock};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+/// How often every peer's timers are driven. WireGuard's timers have a
+/// granularity of seconds (REKEY_TIMEOUT = 5 s, KEEPALIVE = 10 s), so 100 ms
+/// is ample and costs nothing when idle.
+pub const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Upper bound on how long any engine thread sleeps before checking for shutdown.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Largest IP packet (the IPv4/IPv6 total-length fields are 16 bits).
+const MAX_PACKET: usize = 65_536;
+/// WireGuard data message overhead: type/reserved (4) + receiver (4) + counter (8) + tag (16).
+const WG_OVERHEAD: usize = 32;
+/// Handshake messages per second accepted before cookies are required. boringtun's
+/// own device uses 100; each handshake passes the shared limiter twice (our
+/// pre-demux check and `Tunn::decapsulate`), hence the factor of two.
+const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+/// Reject-After-Time from the WireGuard whitepaper §6.1.
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// Socket buffers: large enough for bursts at multi-Gbit/s without drops.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Errors starting the engine. Packet-level problems are never errors: they are
+/// counted in [`EngineCounters`] and logged.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "TUN interface name {0:?} is invalid: it must be 1 to 15 bytes without '/' or whitespace"
+    )]
+    InvalidTunName(String),
+    #[error("cannot create TUN device {name:?} (is /dev/net/tun available and the name free?): {source}")]
+    Tun { name: String, source: io::Error },
+    #[error("cannot configure TUN device {name:?} ({what}): {source}")]
+    TunConfig {
+        name: String,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot bind the WireGuard UDP socket to port {port} (port in use?): {source}")]
+    Bind { port: u16, source: io::Error },
+    #[error("cannot set {option} on the WireGuard UDP socket: {source}")]
+    SocketOption {
+        option: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot serve the UAPI socket {path}: {source}")]
+    Uapi { path: PathBuf, source: io::Error },
+    #[error(
+        "UAPI socket {path} is in use by a running process (another engine for this interface?)"
+    )]
+    UapiInUse { path: PathBuf },
+    #[error("cannot spawn engine thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Static configuration of an engine.
+pub struct EngineConfig {
+    /// TUN device name, e.g. `veil0`.
+    pub tun_name: String,
+    /// TUN MTU, e.g. 1420 (underlay 1500 minus 80 bytes of IPv6+UDP+WireGuard).
+    pub mtu: u16,
+    /// UDP port; 0 picks any free port (tests).
+    pub listen_port: u16,
+    pub private_key: x25519_dalek::StaticSecret,
+    /// UAPI socket, e.g. `/var/run/wireguard/veil0.sock`; `None` serves none.
+    pub uapi_socket: Option<PathBuf>,
+}
+
+/// Desired configuration of one peer (one remote node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub public_key: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Observed state of one peer.
+#[derive(Clone, Debug)]
+pub struct PeerStats {
+    pub public_key: [u8; 32],
+    /// The current endpoint: the configured one, or where the peer last roamed to.
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub last_handshake: Option<SystemTime>,
+    /// Plaintext bytes received from / sent to this peer.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub has_session: bool,
+}
+
+/// Engine-wide packet counters (monotonic since start).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineCounters {
+    /// Outbound packet whose destination matches no peer's AllowedIPs.
+    pub dropped_no_peer: u64,
+    /// Outbound packet for a peer that has no endpoint yet.
+    pub dropped_no_endpoint: u64,
+    /// Inbound message for a receiver index with no session (e.g. from before a restart).
+    pub dropped_no_session: u64,
+    /// Decrypted packet whose inner source is outside the sender's AllowedIPs.
+    pub dropped_cryptokey: u64,
+    /// Malformed, unauthenticated, replayed or otherwise invalid packets.
+    pub dropped_invalid: u64,
+    /// Handshake initiation from a public key that is not a configured peer.
+    pub dropped_unknown_peer: u64,
+    /// Cookie replies sent because handshakes arrived faster than the rate limit.
+    pub cookie_replies: u64,
+    /// UDP sends or TUN writes that failed.
+    pub send_errors: u64,
+    pub tun_rx_packets: u64,
+    pub tun_tx_packets: u64,
+    pub udp_rx_datagrams: u64,
+    pub udp_tx_datagrams: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    dropped_no_peer: AtomicU64,
+    dropped_no_endpoint: AtomicU64,
+    dropped_no_session: AtomicU64,
+    dropped_cryptokey: AtomicU64,
+    dropped_invalid: AtomicU64,
+    dropped_unknown_peer: AtomicU64,
+    cookie_replies: AtomicU64,
+    send_errors: AtomicU64,
+    tun_rx_packets: AtomicU64,
+    tun_tx_packets: AtomicU64,
+    udp_rx_datagrams: AtomicU64,
+    udp_tx_datagrams: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> EngineCounters {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineCounters {
+            dropped_no_peer: l(&self.dropped_no_peer),
+            dropped_no_endpoint: l(&self.dropped_no_endpoint),
+            dropped_no_session: l(&self.dropped_no_session),
+            dropped_cryptokey: l(&self.dropped_cryptokey),
+            dropped_invalid: l(&self.dropped_invalid),
+            dropped_unknown_peer: l(&self.dropped_unknown_peer),
+            cookie_replies: l(&self.cookie_replies),
+            send_errors: l(&self.send_errors),
+            tun_rx_packets: l(&self.tun_rx_packets),
+            tun_tx_packets: l(&self.tun_tx_packets),
+            udp_rx_datagrams: l(&self.udp_rx_datagrams),
+            udp_tx_datagrams: l(&self.udp_tx_datagrams),
+        }
+    }
+}
+
+struct PeerState {
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    config: PeerConfig,
+}
+
+struct Peer {
+    index: u32,
+    state: Mutex<PeerState>,
+}
+
+/// An immutable snapshot of the peer set.
+#[derive(Default)]
+struct PeerSet {
+    /// In configuration order, for stable `peer_stats` and `wg show` output.
+    ordered: Vec<Arc<Peer>>,
+    by_key: HashMap<[u8; 32], Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    /// AllowedIPs of all peers -> peer index.
+    routes: LpmTable<u32>,
+}
+
+impl PeerSet {
+    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.routes
+            .lookup(dst)
+            .and_then(|idx| self.by_index.get(idx))
+    }
+}
+
+struct Shared {
+    tun: tun_rs::SyncDevice,
+    tun_name: String,
+    tun_ifindex: u32,
+    sock: UdpSocket,
+    /// The socket is AF_INET6 with IPV6_V6ONLY off: v4 peers are reached via
+    /// v4-mapped addresses.
+    dual_stack: bool,
+    listen_port: u16,
+    secret: x25519_dalek::StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: RwLock<Arc<PeerSet>>,
+    /// Serialises `set_peers` so index allocation and the swap are atomic.
+    config_lock: Mutex<u32>,
+    counters: Counters,
+    stop: AtomicBool,
+}
+
+/// The running engine. Dropping it is the same as [`Engine::shutdown`].
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    uapi_path: Option<PathBuf>,
+}
+
+fn validate_ifname(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace() || b == b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidTunName(name.to_owned()))
+    }
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of the
+    // call; the option value is a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn bind_udp(port: u16) -> Result<(UdpSocket, bool), Error> {
+    let opt = |option: &'static str| move |source| Error::SocketOption { option, source };
+    let (sock, dual) = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
+        Ok(s) => {
+            s.set_only_v6(false).map_err(opt("IPV6_V6ONLY"))?;
+            let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            s.bind(&addr.into())
+                .map_err(|source| Error::Bind { port, source })?;
+            (s, true)
+        }
+        // A kernel or namespace without IPv6: fall back to an IPv4-only socket.
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+                .map_err(|source| Error::Bind { port, source })?;
+            let addr = SocketAddr::from(([0, 0, 0, 0], port));
+            s.bind(&addr.into())
+                .map_err(|source| Error::Bind { port, source })?;
+            (s, false)
+        }
+        Err(source) => return Err(Error::Bind { port, source }),
+    };
+    let fd = sock.as_raw_fd();
+    // See the module docs: fragment rather than drop oversized encrypted packets.
+    // On an AF_INET6 socket, SOL_IP options govern the v4-mapped traffic
+    // (ipv6_setsockopt hands SOL_IP to ip_setsockopt for UDP sockets).
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    )
+    .map_err(opt("IP_MTU_DISCOVER=IP_PMTUDISC_DONT"))?;
+    if dual {
+        setsockopt_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )
+        .map_err(opt("IPV6_MTU_DISCOVER=IPV6_PMTUDISC_DONT"))?;
+    }
+    let size = SOCKET_BUFFER as i32;
+    // The *FORCE variants bypass net.core.{r,w}mem_max but need CAP_NET_ADMIN;
+    // without it fall back to the capped request.
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size).is_err() {
+        sock.set_recv_buffer_size(SOCKET_BUFFER)
+            .map_err(opt("SO_RCVBUF"))?;
+    }
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size).is_err() {
+        sock.set_send_buffer_size(SOCKET_BUFFER)
+            .map_err(opt("SO_SNDBUF"))?;
+    }
+    sock.set_read_timeout(Some(POLL_INTERVAL))
+        .map_err(opt("SO_RCVTIMEO"))?;
+    Ok((sock.into(), dual))
+}
+
+/// Waits until `fd` is readable or `timeout` passes; `Ok(false)` on timeout.
+fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and we pass
+    // exactly one entry; `fd` stays open because its owner outlives this call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match rc {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Datagrams from v4 peers arrive on the dual-stack socket as v4-mapped v6
+/// addresses; keep them as plain v4 everywhere else (stats, `wg show`, rate limiter).
+fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+fn bind_uapi(path: &Path) -> Result<UnixListener, Error> {
+    let err = |source| Error::Uapi {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A socket someone still answers on is not stale: do not steal it.
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::UapiInUse {
+                    path: path.to_owned(),
+                });
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "path exists and is not a socket; refusing to remove it",
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    // The socket reveals the private key: owner only. (Set after bind; the
+    // parent directory is root-owned, so nobody else can reach it meanwhile.)
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
+}
+
+impl Engine {
+    /// Creates and brings up the TUN device, binds the UDP socket, spawns the
+    /// engine threads and (if configured) serves the UAPI socket.
+    pub fn start(cfg: EngineConfig) -> Result<Engine, Error> {
+        validate_ifname(&cfg.tun_name)?;
+        let name = cfg.tun_name.clone();
+        let tun_err = |what: &'static str| {
+            let name = name.clone();
+            move |source| Error::TunConfig { name, what, source }
+        };
+        // IFF_TUN | IFF_NO_PI (tun-rs's Linux default): raw IP packets, no header.
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&cfg.tun_name)
+            .build_sync()
+            .map_err(|source| Error::Tun {
+                name: name.clone(),
+                source,
+            })?;
+        tun.set_mtu(cfg.mtu).map_err(tun_err("set MTU"))?;
+        tun.enabled(true).map_err(tun_err("bring up"))?;
+        // Reads are driven by poll() so the thread can notice shutdown.
+        tun.set_nonblocking(true)
+            .map_err(tun_err("set non-blocking"))?;
+        let tun_ifindex = tun.if_index().map_err(tun_err("look up ifindex"))?;
+
+        let (sock, dual_stack) = bind_udp(cfg.listen_port)?;
+        let listen_port = sock
+            .local_addr()
+            .map_err(|source| Error::Bind {
+                port: cfg.listen_port,
+                source,
+            })?
+            .port();
+
+        let listener = match &cfg.uapi_socket {
+            Some(p) => Some(bind_uapi(p)?),
+            None => None,
+        };
+
+        let public = PublicKey::from(&cfg.private_key);
+        let shared = Arc::new(Shared {
+            tun,
+            tun_name: cfg.tun_name.clone(),
+            tun_ifindex,
+            sock,
+            dual_stack,
+            listen_port,
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret: cfg.private_key,
+            public,
+            peers: RwLock::new(Arc::new(PeerSet::default())),
+            config_lock: Mutex::new(random_index()),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+        });
+        let mut engine = Engine {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            uapi_path: None,
+        };
+        // From here on, dropping `engine` on an error path stops what was started.
+        engine.spawn("veil-wg-tun", {
+            let sh = shared.clone();
+            move || sh.tun_loop()
+        })?;
+        engine.spawn("veil-wg-udp", {
+            let sh = shared.clone();
+            move || sh.udp_loop()
+        })?;
+        engine.spawn("veil-wg-timers", {
+            let sh = shared.clone();
+            move || sh.timer_loop()
+        })?;
+        if let (Some(listener), Some(path)) = (listener, cfg.uapi_socket) {
+            engine.uapi_path = Some(path);
+            engine.spawn("veil-wg-uapi", {
+                let sh = shared.clone();
+                move || sh.uapi_loop(listener)
+            })?;
+        }
+        tracing::info!(
+            tun = %shared.tun_name,
+            ifindex = tun_ifindex,
+            mtu = cfg.mtu,
+            listen_port,
+            dual_stack,
+            "WireGuard engine started"
+        );
+        Ok(engine)
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), Error> {
+        let h = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(f)
+            .map_err(|source| Error::Thread { name, source })?;
+        self.threads.push(h);
+        Ok(())
+    }
+
+    pub fn tun_ifindex(&self) -> u32 {
+        self.shared.tun_ifindex
+    }
+
+    pub fn tun_name(&self) -> &str {
+        &self.shared.tun_name
+    }
+
+    /// The UDP port actually bound.
+    pub fn listen_port(&self) -> u16 {
+        self.shared.listen_port
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.shared.public.to_bytes()
+    }
+
+    /// Replaces the whole peer set, diffing by public key: unchanged peers keep
+    /// their sessions, a changed endpoint or AllowedIPs is updated in place,
+    /// removed peers are dropped, and new peers (or peers whose keepalive
+    /// changed, which boringtun fixes at creation) initiate a handshake at once,
+    /// so that an agent restart re-establishes sessions immediately instead of
+    /// after the first packet plus WireGuard's REKEY_TIMEOUT.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) {
+        let sh = &self.shared;
+        let mut next_index = sh.config_lock.lock();
+        let old = sh.peers.read().clone();
+        let own = sh.public.to_bytes();
+
+        // Last entry for a key wins, keeping the position of the first.
+        let mut wanted: Vec<PeerConfig> = Vec::with_capacity(peers.len());
+        let mut pos: HashMap<[u8; 32], usize> = HashMap::new();
+        for p in peers {
+            if p.public_key == own {
+                tracing::warn!(tun = %sh.tun_name, "ignoring a peer with our own public key");
+                continue;
+            }
+            match pos.get(&p.public_key) {
+                Some(&i) => {
+                    tracing::warn!(tun = %sh.tun_name, peer = %short_key(&p.public_key),
+                        "duplicate peer in configuration; the last entry wins");
+                    wanted[i] = p;
+                }
+                None => {
+                    pos.insert(p.public_key, wanted.len());
+                    wanted.push(p);
+                }
+            }
+        }
+
+        let mut set = PeerSet::default();
+        let mut fresh = Vec::new();
+        for cfg in wanted {
+            let reuse = old
+                .by_key
+                .get(&cfg.public_key)
+                .filter(|p| p.state.lock().config.persistent_keepalive == cfg.persistent_keepalive);
+            let peer = match reuse {
+                Some(p) => {
+                    let mut st = p.state.lock();
+                    // Only an explicit endpoint change overrides a roamed endpoint.
+                    if st.config.endpoint != cfg.endpoint {
+                        if let Some(ep) = cfg.endpoint {
+                            st.endpoint = Some(normalize(ep));
+                        }
+                    }
+                    st.config = cfg.clone();
+                    drop(st);
+                    p.clone()
+                }
+                None => {
+                    let index = loop {
+                        let candidate = *next_index;
+                        *next_index = if candidate >= packet::MAX_PEER_INDEX {
+                            1
+                        } else {
+                            candidate + 1
+                        };
+                        if !old.by_index.contains_key(&candidate)
+                            && !set.by_index.contains_key(&candidate)
+                        {
+                            break candidate;
+                        }
+                    };
+                    let tunn = Tunn::new(
+                        sh.secret.clone(),
+                        PublicKey::from(cfg.public_key),
+                        None,
+                        cfg.persistent_keepalive,
+                        index,
+                        Some(sh.rate_limiter.clone()),
+                    );
+                    let p = Arc::new(Peer {
+                        index,
+                        state: Mutex::new(PeerState {
+                            tunn,
+                            endpoint: cfg.endpoint.map(normalize),
+                            config: cfg.clone(),
+                        }),
+                    });
+                    fresh.push(p.clone());
+                    p
+                }
+            };
+            for net in &cfg.allowed_ips {
+                if let Some(prev) = set.routes.insert(*net, peer.index) {
+                    if prev != peer.index {
+                        tracing::warn!(tun = %sh.tun_name, allowed_ip = %net,
+                            "AllowedIP listed for two peers; the later peer gets it");
+                    }
+                }
+            }
+            set.by_index.insert(peer.index, peer.clone());
+            set.by_key.insert(cfg.public_key, peer.clone());
+            set.ordered.push(peer);
+        }
+        let removed = old
+            .by_key
+            .keys()
+            .filter(|k| !set.by_key.contains_key(*k))
+            .count();
+        let total = set.ordered.len();
+        *sh.peers.write() = Arc::new(set);
+        drop(next_index);
+        tracing::info!(tun = %sh.tun_name, peers = total, new = fresh.len(), removed, "peer set updated");
+
+        let mut buf = [0u8; 256];
+        for p in fresh {
+            let mut st = p.state.lock();
+            let Some(ep) = st.endpoint else { continue };
+            if let TunnResult::WriteToNetwork(init) =
+                st.tunn.format_handshake_initiation(&mut buf, false)
+            {
+                drop(st);
+                sh.send(init, ep);
+            }
+        }
+    }
+
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.shared
+            .peer_views()
+            .into_iter()
+            .map(|v| v.stats)
+            .collect()
+    }
+
+    pub fn counters(&self) -> EngineCounters {
+        self.shared.counters.snapshot()
+    }
+
+    /// Stops the threads, closes the TUN device (it disappears) and removes the
+    /// UAPI socket.
+    pub fn shutdown(self) {
+        drop(self)
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for h in self.threads.drain(..) {
+            if h.join().is_err() {
+                tracing::error!(tun = %self.shared.tun_name, "an engine thread panicked");
+            }
+        }
+        if let Some(path) = self.uapi_path.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove UAPI socket");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn random_index() -> u32 {
+    use rand_core::RngCore;
+    // A random start makes indices from a previous run of the agent unlikely to
+    // match ours, so the remote's stale data messages miss instead of failing auth.
+    (rand_core::OsRng.next_u32() % packet::MAX_PEER_INDEX).max(1)
+}
+
+fn short_key(k: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(k)
+}
+
+impl Shared {
+    fn send(&self, data: &[u8], to: SocketAddr) {
+        let to = match (self.dual_stack, to) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            _ => to,
+        };
+        match self.sock.send_to(data, to) {
+            Ok(_) => bump(&self.counters.udp_tx_datagrams),
+            Err(e) => {
+                bump(&self.counters.send_errors);
+                tracing::debug!(tun = %self.tun_name, %to, error = %e, "UDP send failed");
+            }
+        }
+    }
+
+    fn tun_loop(&self) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET + WG_OVERHEAD];
+        let fd = self.tun.as_raw_fd();
+        while !self.stop.load(Ordering::Relaxed) {
+            match wait_readable(fd, POLL_INTERVAL) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(tun = %self.tun_name, error = %e, "poll on TUN failed");
+                    std::thread::sleep(POLL_INTERVAL);
+                    continue;
+                }
+            }
+            // Drain everything that is ready before polling again.
+            loop {
+                match self.tun.recv(&mut buf) {
+                    Ok(n) => {
+                        bump(&self.counters.tun_rx_packets);
+                        self.outbound(&buf[..n], &mut out);
+                    }
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        break
+                    }
+                    Err(e) => {
+                        tracing::warn!(tun = %self.tun_name, error = %e, "TUN read failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One plaintext packet from the TUN device towards its peer.
+    fn outbound(&self, pkt: &[u8], out: &mut [u8]) {
+        let Some(dst) = packet::dst_addr(pkt) else {
+            bump(&self.counters.dropped_invalid);
+            return;
+        };
+        let set = self.peers.read().clone();
+        let Some(peer) = set.route(dst) else {
+            bump(&self.counters.dropped_no_peer);
+            return;
+        };
+        let (ep, result) = {
+            let mut st = peer.state.lock();
+            let Some(ep) = st.endpoint else {
+                drop(st);
+                bump(&self.counters.dropped_no_endpoint);
+                return;
+            };
+            // Without a session boringtun queues the packet and returns a handshake
+            // initiation (or Done if one is already in flight).
+            (ep, st.tunn.encapsulate(pkt, out))
+        };
+        match result {
+            TunnResult::WriteToNetwork(p) => self.send(p, ep),
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                bump(&self.counters.dropped_invalid);
+                tracing::debug!(tun = %self.tun_name, error = ?e, "encapsulate failed");
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+
+    fn udp_loop(&self) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET + WG_OVERHEAD];
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    bump(&self.counters.udp_rx_datagrams);
+                    self.inbound(&buf[..n], normalize(from), &mut out);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    // E.g. ECONNREFUSED from an ICMP error on an earlier send: not fatal.
+                    tracing::debug!(tun = %self.tun_name, error = %e, "UDP receive error");
+                }
+            }
+        }
+    }
+
+    /// One datagram from the network.
+    fn inbound(&self, dgram: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let c = &self.counters;
+        // MAC1 check (and cookie/MAC2 under load) before any expensive work.
+        let packet = match self.rate_limiter.verify_packet(Some(from.ip()), dgram, out) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                bump(&c.cookie_replies);
+                self.send(cookie, from);
+                return;
+            }
+            Err(_) => {
+                bump(&c.dropped_invalid);
+                return;
+            }
+        };
+        let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
+        let set = self.peers.read().clone();
+        let peer = match packet::demux(&packet, &self.secret, &self.public) {
+            Ok(Demux::Initiation { peer_public }) => match set.by_key.get(&peer_public) {
+                Some(p) => p,
+                None => {
+                    bump(&c.dropped_unknown_peer);
+                    tracing::debug!(tun = %self.tun_name, %from, peer = %short_key(&peer_public),
+                        "handshake from a key that is not a configured peer");
+                    return;
+                }
+            },
+            Ok(Demux::Index { peer_index }) => match set.by_index.get(&peer_index) {
+                Some(p) => p,
+                None => {
+                    bump(&c.dropped_no_session);
+                    return;
+                }
+            },
+            Err(_) => {
+                bump(&c.dropped_invalid);
+                return;
+            }
+        };
+
+        let mut st = peer.state.lock();
+        let result = st.tunn.decapsulate(Some(from.ip()), dgram, out);
+        if let TunnResult::Err(e) = &result {
+            match e {
+                WireGuardError::NoCurrentSession => bump(&c.dropped_no_session),
+                _ => bump(&c.dropped_invalid),
+            }
+            tracing::trace!(tun = %self.tun_name, %from, error = ?e, "decapsulate rejected a datagram");
+            return;
+        }
+        // The datagram authenticated as this peer: follow it if it moved (roaming,
+        // WireGuard paper §2.1). Cookie replies are not authenticated by the
+        // peer's static key, so they do not move the endpoint.
+        if !is_cookie && st.endpoint != Some(from) {
+            tracing::debug!(tun = %self.tun_name, old = ?st.endpoint, new = %from, "peer endpoint changed");
+            st.endpoint = Some(from);
+        }
+        let flush = match result {
+            TunnResult::WriteToNetwork(p) => {
+                self.send(p, from);
+                true
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                self.deliver(&set, peer.index, p, IpAddr::V4(src));
+                false
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                self.deliver(&set, peer.index, p, IpAddr::V6(src));
+                false
+            }
+            TunnResult::Done | TunnResult::Err(_) => false,
+        };
+        if flush {
+            // A completed handshake releases the packets queued while it ran:
+            // boringtun hands them out one per call with an empty datagram.
+            let ep = st.endpoint.unwrap_or(from);
+            while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], out) {
+                self.send(p, ep);
+            }
+        }
+    }
+
+    fn deliver(&self, set: &PeerSet, sender: u32, pkt: &[u8], src: IpAddr) {
+        match packet::cryptokey_check(&set.routes, &sender, src) {
+            CryptokeyVerdict::Allow => match self.tun.send(pkt) {
+                Ok(_) => bump(&self.counters.tun_tx_packets),
+                Err(e) => {
+                    bump(&self.counters.send_errors);
+                    tracing::debug!(tun = %self.tun_name, error = %e, "TUN write failed");
+                }
+            },
+            CryptokeyVerdict::WrongSource => {
+                bump(&self.counters.dropped_cryptokey);
+                tracing::debug!(tun = %self.tun_name, %src,
+                    "dropped a packet whose source is outside the sending peer's AllowedIPs");
+            }
+        }
+    }
+
+    fn timer_loop(&self) {
+        let mut buf = vec![0u8; MAX_PACKET + WG_OVERHEAD];
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(TIMER_TICK);
+            // Peers share one limiter, so boringtun does not reset it per peer.
+            self.rate_limiter.reset_count();
+            let set = self.peers.read().clone();
+            for peer in &set.ordered {
+                let mut st = peer.state.lock();
+                let ep = st.endpoint;
+                match st.tunn.update_timers(&mut buf) {
+                    TunnResult::WriteToNetwork(p) => {
+                        drop(st);
+                        match ep {
+                            Some(ep) => self.send(p, ep),
+                            None => bump(&self.counters.dropped_no_endpoint),
+                        }
+                    }
+                    // Expected after REKEY_ATTEMPT_TIME without an answer; a new
+                    // packet for the peer starts over.
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                    TunnResult::Err(e) => {
+                        tracing::debug!(tun = %self.tun_name, error = ?e, "timer error")
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn uapi_loop(&self, listener: UnixListener) {
+        let fd = listener.as_raw_fd();
+        while !self.stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(false).is_ok() {
+                        uapi::serve_client(stream, self, &self.tun_name, uapi::CLIENT_DEADLINE);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let _ = wait_readable(fd, POLL_INTERVAL);
+                }
+                Err(e) => {
+                    tracing::warn!(tun = %self.tun_name, error = %e, "UAPI accept failed");
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+            }
+        }
+    }
+
+    fn peer_views(&self) -> Vec<uapi::PeerView> {
+        let set = self.peers.read().clone();
+        let now = SystemTime::now();
+        set.ordered
+            .iter()
+            .map(|p| {
+                let st = p.state.lock();
+                let (since, tx, rx, _, _) = st.tunn.stats();
+                uapi::PeerView {
+                    stats: PeerStats {
+                        public_key: st.config.public_key,
+                        endpoint: st.endpoint,
+                        allowed_ips: st.config.allowed_ips.clone(),
+                        last_handshake: since.and_then(|d| now.checked_sub(d)),
+                        rx_bytes: rx as u64,
+                        tx_bytes: tx as u64,
+                        // A session older than Reject-After-Time can no longer
+                        // carry data (whitepaper §6.1), even if boringtun keeps it.
+                        has_session: since.is_some_and(|d| d < REJECT_AFTER_TIME),
+                    },
+                    persistent_keepalive: st.config.persistent_keepalive,
+                }
+            })
+            .collect()
+    }
+}
+
+impl uapi::UapiSource for Shared {
+    fn private_key(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+    fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+    fn peer_views(&self) -> Vec<uapi::PeerView> {
+        Shared::peer_views(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        // The agent moves the engine between threads and shares it across tasks.
+        fn check<T: Send + Sync>() {}
+        check::<Engine>();
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!(validate_ifname("veil0").is_ok());
+        assert!(validate_ifname("abcdefghijklmno").is_ok());
+        for bad in ["", "abcdefghijklmnop", "a/b", "a b", ".", "..", "a:1"] {
+            assert!(
+                matches!(validate_ifname(bad), Err(Error::InvalidTunName(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_normalized() {
+        let mapped: SocketAddr = "[::ffff:198.18.0.1]:51820".parse().unwrap();
+        assert_eq!(normalize(mapped), "198.18.0.1:51820".parse().unwrap());
+        let v6: SocketAddr = "[fd00::1]:51820".parse().unwrap();
+        assert_eq!(normalize(v6), v6);
+    }
+}
