@@ -237,7 +237,11 @@ fn debounce(raw: std::sync::mpsc::Receiver<()>, out: tokio::sync::mpsc::Sender<(
             match raw.recv_timeout(DEBOUNCE.min(left)) {
                 Ok(()) if !left.is_zero() => continue,
                 Ok(()) | Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Deliver what was seen before the watcher went away.
+                    let _ = out.try_send(());
+                    return;
+                }
             }
         }
         // A full channel already holds a pending notification: nothing is lost.
@@ -571,5 +575,447 @@ fn file_diag(path: &Path, problem: String) -> Diagnostic {
         source: path.display().to_string(),
         object: "-".into(),
         problem,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::PublicKey;
+
+    fn key_b64(byte: u8) -> String {
+        keymgr::encode_key(&[byte; 32])
+    }
+
+    fn write(dir: &Path, rel: &str, text: &str) -> PathBuf {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn problems<'a>(diags: &'a [Diagnostic], object: &str) -> Vec<&'a str> {
+        diags
+            .iter()
+            .filter(|d| d.object == object)
+            .map(|d| d.problem.as_str())
+            .collect()
+    }
+
+    const NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: n1
+spec:
+  podCIDR: 10.244.1.0/24
+  podCIDRs:
+  - 10.244.1.0/24
+status:
+  addresses:
+  - address: 198.18.0.1
+    type: InternalIP
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{address: 198.18.0.2, type: InternalIP}]}
+---
+"#;
+
+    #[test]
+    fn reads_every_kind_from_many_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write(dir, "nodes.yaml", NODES);
+        write(
+            dir,
+            "workloads/pods.yml",
+            r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web, namespace: prod, labels: {app: web}}
+  spec: {nodeName: n1, containers: [{name: c, image: x}]}
+  status: {podIP: 10.244.1.5, podIPs: [{ip: 10.244.1.5}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: db}
+  spec: {nodeName: n2, hostNetwork: true}
+  status: {podIP: 198.18.0.2}
+metadata: {resourceVersion: ""}
+"#,
+        );
+        write(
+            dir,
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n",
+        );
+        write(
+            dir,
+            "config.yaml",
+            "apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true}}\n",
+        );
+        write(
+            dir,
+            "veilnodes/n2.yaml",
+            &format!("apiVersion: veil.dev/v1alpha1\nkind: VeilNode\nmetadata: {{name: n2}}\nspec:\n  publicKey: {}\n  listenPort: 51821\n  podCIDRs: [10.244.2.0/24]\n  endpoint: 198.18.0.2:51821\n", key_b64(2)),
+        );
+        // Ignored without complaint: other kinds, non-YAML files, hidden files.
+        write(
+            dir,
+            "policy.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec: {podSelector: {}}\n---\napiVersion: veil.dev/v1alpha1\nkind: VeilPolicy\nmetadata: {name: p, namespace: prod}\n",
+        );
+        write(dir, "README.txt", "not: [yaml");
+        write(dir, ".hidden.yaml", "not: [yaml");
+
+        let mut source = FileSource::new(dir);
+        let (state, diags) = source.load();
+        assert!(diags.is_empty(), "{diags:#?}");
+        assert_eq!(state.nodes.len(), 2);
+        assert_eq!(
+            state.nodes["n1"].internal_ip,
+            Some("198.18.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            state.nodes["n2"].pod_cidrs,
+            vec!["10.244.2.0/24".parse().unwrap()]
+        );
+        let web = &state.pods[&("prod".to_string(), "web".to_string())];
+        assert_eq!(web.pod_ip, Some("10.244.1.5".parse().unwrap()));
+        assert_eq!(web.node_name.as_deref(), Some("n1"));
+        let db = &state.pods[&("default".to_string(), "db".to_string())];
+        assert!(db.host_network);
+        assert_eq!(
+            state.namespaces["prod"]
+                .labels
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str),
+            Some("prod")
+        );
+        assert_eq!(
+            state.config,
+            ClusterConfig {
+                encryption_enabled: true,
+                strict: true
+            }
+        );
+        let ann = &state.announcements["n2"];
+        assert_eq!(ann.public_key, PublicKey([2; 32]));
+        assert_eq!(ann.listen_port, 51821);
+        assert_eq!(ann.endpoint, Some("198.18.0.2:51821".parse().unwrap()));
+    }
+
+    #[test]
+    fn empty_or_missing_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (state, diags) = FileSource::new(tmp.path()).load();
+        assert_eq!(state, ClusterState::default());
+        assert!(diags.is_empty());
+        let missing = tmp.path().join("nope");
+        let (state, diags) = FileSource::new(&missing).load();
+        assert_eq!(state, ClusterState::default());
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags[0].source, missing.display().to_string());
+        assert!(diags[0].problem.contains("does not exist"));
+    }
+
+    #[test]
+    fn broken_file_keeps_last_good_objects_until_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = write(tmp.path(), "nodes.yaml", NODES);
+        write(
+            tmp.path(),
+            "other.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        );
+        let mut source = FileSource::new(tmp.path());
+        let (good, diags) = source.load();
+        assert!(diags.is_empty(), "{diags:#?}");
+        assert_eq!(good.nodes.len(), 2);
+
+        // A half-written edit: the flow mapping is cut off.
+        fs::write(&path, "apiVersion: v1\nkind: Node\nmetadata: {name: n1\n").unwrap();
+        let (state, diags) = source.load();
+        assert_eq!(state, good, "last good objects still used");
+        assert_eq!(diags.len(), 1, "{diags:#?}");
+        assert_eq!(diags[0].source, path.display().to_string());
+        assert!(
+            diags[0].problem.contains("invalid YAML"),
+            "{}",
+            diags[0].problem
+        );
+        assert!(diags[0].problem.contains("line"), "{}", diags[0].problem);
+        assert!(
+            diags[0].problem.contains("keeping the 2 object(s)"),
+            "{}",
+            diags[0].problem
+        );
+
+        // Still broken on the next scan: still kept.
+        let (state, _) = source.load();
+        assert_eq!(state, good);
+
+        // Fixed with different content: the new content is used.
+        fs::write(&path, "apiVersion: v1\nkind: Node\nmetadata: {name: n9}\n").unwrap();
+        let (state, diags) = source.load();
+        assert!(diags.is_empty(), "{diags:#?}");
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), vec!["n9"]);
+
+        // Deleted: its objects are gone, the other file stays.
+        fs::remove_file(&path).unwrap();
+        let (state, diags) = source.load();
+        assert!(diags.is_empty(), "{diags:#?}");
+        assert!(state.nodes.is_empty());
+        assert!(state.namespaces.contains_key("x"));
+
+        // Broken from the start: nothing used, diagnosed.
+        write(tmp.path(), "nodes.yaml", "{{{");
+        let (state, diags) = source.load();
+        assert!(state.nodes.is_empty());
+        assert_eq!(diags.len(), 1);
+        assert!(
+            diags[0].problem.contains("no earlier good read"),
+            "{}",
+            diags[0].problem
+        );
+    }
+
+    #[test]
+    fn object_problems_skip_only_that_object() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = write(
+            tmp.path(),
+            "bad.yaml",
+            &format!(
+                r#"apiVersion: v1
+kind: Node
+metadata: {{}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: badcidr}}
+spec: {{podCIDRs: [10.244.1.0/33]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: badip}}
+status: {{addresses: [{{type: InternalIP, address: "198.18.0.300"}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: badtype}}
+spec: {{podCIDRs: 5}}
+---
+apiVersion: veil.dev/v1alpha1
+kind: VeilNode
+metadata: {{name: shortkey}}
+spec: {{publicKey: "{short}", podCIDRs: [10.244.3.0/24]}}
+---
+apiVersion: veil.dev/v1alpha1
+kind: VeilNode
+metadata: {{name: port0}}
+spec: {{publicKey: "{good}", listenPort: 0}}
+---
+apiVersion: veil.dev/v1alpha1
+kind: VeilClusterConfig
+metadata: {{name: other}}
+spec: {{encryption: {{enabled: true}}}}
+---
+apiVersion: veil.dev/v1beta9
+kind: VeilNode
+metadata: {{name: future}}
+---
+kind: Node
+metadata: {{name: nokind}}
+---
+- just
+- a list
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: badpod, namespace: prod}}
+status: {{podIP: 10.244.1.999}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: fine}}
+"#,
+                short = &key_b64(1)[..20],
+                good = key_b64(1)
+            ),
+        );
+        let (state, diags) = FileSource::new(tmp.path()).load();
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), vec!["fine"]);
+        assert!(state.announcements.is_empty());
+        assert!(state.pods.is_empty());
+        assert_eq!(
+            state.config,
+            ClusterConfig::default(),
+            "config `other` ignored"
+        );
+        let source = path.display().to_string();
+        assert!(diags.iter().all(|d| d.source == source), "{diags:#?}");
+        let expect = [
+            ("Node/<no name, document 1>", "metadata.name"),
+            ("Node/badcidr", "10.244.1.0/33"),
+            ("Node/badip", "198.18.0.300"),
+            ("Node/badtype", "malformed"),
+            ("VeilNode/shortkey", "spec.publicKey"),
+            ("VeilNode/port0", "port 0"),
+            (
+                "VeilClusterConfig/other",
+                "only the VeilClusterConfig named `default`",
+            ),
+            ("VeilNode/future", "unsupported apiVersion"),
+            ("Node/nokind", "apiVersion or kind missing"),
+            ("<document 10>", "not a Kubernetes object"),
+            ("Pod/prod/badpod", "status.podIP"),
+        ];
+        for (object, needle) in expect {
+            let found = problems(&diags, object);
+            assert_eq!(found.len(), 1, "{object}: {diags:#?}");
+            assert!(found[0].contains(needle), "{object}: {}", found[0]);
+        }
+        assert_eq!(diags.len(), expect.len(), "{diags:#?}");
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_in_path_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = write(
+            tmp.path(),
+            "a.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}\n",
+        );
+        let second = write(
+            tmp.path(),
+            "b/n.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.9.0/24}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: other}\n",
+        );
+        let (state, diags) = FileSource::new(tmp.path()).load();
+        assert_eq!(
+            state.nodes["n1"].pod_cidrs,
+            vec!["10.244.1.0/24".parse().unwrap()]
+        );
+        assert_eq!(state.pods.len(), 2);
+        assert_eq!(diags.len(), 2, "{diags:#?}");
+        assert_eq!(diags[0].source, second.display().to_string());
+        assert_eq!(diags[0].object, "Node/n1");
+        assert!(diags[0].problem.contains(&first.display().to_string()));
+        assert_eq!(diags[1].object, "Pod/default/p");
+        assert!(diags[1].problem.contains("same file"));
+    }
+
+    #[test]
+    fn publish_announcement_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = FileSource::new(tmp.path());
+        let mut ann = Announcement {
+            node: "n1".into(),
+            public_key: PublicKey([5; 32]),
+            listen_port: 51820,
+            pod_cidrs: vec![
+                "10.244.1.0/24".parse().unwrap(),
+                "fd00:1::/64".parse().unwrap(),
+            ],
+            endpoint: None,
+        };
+        source.publish_announcement(&ann).unwrap();
+        ann.endpoint = Some("[fd00::1]:51820".parse().unwrap());
+        source.publish_announcement(&ann).unwrap();
+        let dir = tmp.path().join(ANNOUNCEMENT_DIR);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["n1.yaml"], "no temp files left");
+        let mode = fs::metadata(dir.join("n1.yaml"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o644);
+        let (state, diags) = FileSource::new(tmp.path()).load();
+        assert!(diags.is_empty(), "{diags:#?}");
+        assert_eq!(state.announcements["n1"], ann);
+
+        for bad in ["", "..", "a/b"] {
+            let err = source
+                .publish_announcement(&Announcement {
+                    node: bad.into(),
+                    ..ann.clone()
+                })
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidNodeName { .. }), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_reports_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = FileSource::new(tmp.path());
+        let (_watcher, mut rx) = source.watch().unwrap();
+        write(tmp.path(), "sub/nodes.yaml", NODES);
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("no change event within 10s")
+            .expect("watch channel closed");
+        // Drain the rest of the burst (directory creation and file write may
+        // straddle a debounce window).
+        while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(400), rx.recv()).await {
+        }
+        // Our own reads must not count as changes: a scan (which opens and
+        // reads every file) produces no notification within several debounce windows.
+        let mut source = source;
+        let (state, _) = source.load();
+        assert_eq!(state.nodes.len(), 2);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), rx.recv())
+                .await
+                .is_err(),
+            "reading the files was reported as a change"
+        );
+        // A later write must be reported.
+        source
+            .publish_announcement(&Announcement {
+                node: "n1".into(),
+                public_key: PublicKey([5; 32]),
+                listen_port: 51820,
+                pod_cidrs: vec![],
+                endpoint: None,
+            })
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("no change event within 10s after publish")
+            .expect("watch channel closed");
+    }
+
+    #[test]
+    fn watch_missing_dir_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = FileSource::new(tmp.path().join("nope"))
+            .watch()
+            .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn debounce_coalesces_bursts() {
+        let (raw_tx, raw_rx) = std::sync::mpsc::channel();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let worker = std::thread::spawn(move || debounce(raw_rx, tx));
+        for _ in 0..50 {
+            raw_tx.send(()).unwrap();
+        }
+        drop(raw_tx);
+        worker.join().unwrap();
+        // 50 events in a burst, then the watcher went away: one notification.
+        assert_eq!(rx.try_recv(), Ok(()));
+        assert!(rx.try_recv().is_err());
     }
 }
