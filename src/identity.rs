@@ -82,6 +82,18 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
     }
 }
 
+/// The MurmurHash3 64-bit finalizer (fmix64): FNV-1a mixes a byte only into
+/// bits at and above it, so similar label sets (`app1`, `app2`) would land
+/// in structured, clustered values; this spreads every input bit over all
+/// output bits before the range reduction.
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 /// Feeds a length-prefixed field so that ("ab","c") and ("a","bc") differ.
 fn feed(hash: &mut u64, field: &str) {
     fnv1a(hash, &(field.len() as u64).to_le_bytes());
@@ -100,6 +112,7 @@ pub fn identity_for(namespace: &str, labels: &BTreeMap<String, String>) -> Ident
         feed(&mut hash, key);
         feed(&mut hash, value);
     }
+    let hash = fmix64(hash);
     let span = u64::from(Identity::LIMIT - Identity::FIRST_ALLOCATED);
     // span < 2^24, so the remainder fits in u32.
     Identity(Identity::FIRST_ALLOCATED + (hash % span) as u32)
@@ -130,9 +143,11 @@ mod tests {
             identity_for("default", &BTreeMap::new()),
             Identity(pinned_empty())
         );
+        // And a literal, so a change made to both copies above is still caught.
+        assert_eq!(a, Identity(PINNED_LITERAL));
     }
 
-    // Computed independently of `identity_for`, from the FNV-1a definition.
+    // Computed independently of `identity_for`, from the FNV-1a and fmix64 definitions.
     fn reference(parts: &[&[u8]]) -> u32 {
         let mut h: u64 = 0xcbf29ce484222325;
         for part in parts {
@@ -141,6 +156,11 @@ mod tests {
                 h = h.wrapping_mul(0x100000001b3);
             }
         }
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51afd7ed558ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ceb9fe1a85ec53);
+        h ^= h >> 33;
         256 + (h % ((1 << 24) - 256)) as u32
     }
 
@@ -149,6 +169,8 @@ mod tests {
         v.extend_from_slice(s.as_bytes());
         v
     }
+
+    const PINNED_LITERAL: u32 = 14_030_384;
 
     fn pinned() -> u32 {
         let parts = [
