@@ -353,22 +353,41 @@ fn parse_file(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> Result<Ve
     let mut objects = Vec::new();
     let mut ctx = Ctx {
         path,
+        text,
         diags,
         objects: &mut objects,
     };
     for (index, value) in documents.into_iter().enumerate() {
-        ctx.object(value, &format!("document {}", index + 1));
+        ctx.object(value, &format!("document {}", index + 1), Some(index));
     }
     Ok(objects)
 }
 
 struct Ctx<'a> {
     path: &'a Path,
+    /// The file's text, to re-read a document for an error with its line.
+    text: &'a str,
     diags: &'a mut Vec<Diagnostic>,
     objects: &'a mut Vec<Object>,
 }
 
 impl Ctx<'_> {
+    /// Converts a document to its type. A `Value` has no positions, so on
+    /// failure the document is deserialized again straight from the text:
+    /// that error names the field path, line and column.
+    fn typed<T: serde::de::DeserializeOwned>(
+        &self,
+        value: Value,
+        document: Option<usize>,
+    ) -> Result<T, String> {
+        serde_yaml::from_value(value).map_err(|e| {
+            let located = document
+                .and_then(|i| serde_yaml::Deserializer::from_str(self.text).nth(i))
+                .and_then(|doc| T::deserialize(doc).err());
+            format!("malformed: {}", located.unwrap_or(e))
+        })
+    }
+
     fn diag(&mut self, object: String, problem: String) {
         self.diags.push(Diagnostic {
             source: self.path.display().to_string(),
@@ -378,7 +397,8 @@ impl Ctx<'_> {
     }
 
     /// Handles one object (or `List`); `place` locates it for objects without a name.
-    fn object(&mut self, value: Value, place: &str) {
+    /// `document` is the index of a top-level document (`None` for `List` items).
+    fn object(&mut self, value: Value, place: &str, document: Option<usize>) {
         if value.is_null() {
             return; // an empty document, e.g. a trailing `---`
         }
@@ -434,7 +454,7 @@ impl Ctx<'_> {
             match value.get("items") {
                 Some(Value::Sequence(items)) => {
                     for (i, item) in items.iter().enumerate() {
-                        self.object(item.clone(), &format!("{place}, items[{i}]"));
+                        self.object(item.clone(), &format!("{place}, items[{i}]"), None);
                     }
                 }
                 None | Some(Value::Null) => {}
@@ -443,27 +463,30 @@ impl Ctx<'_> {
             return;
         }
         let converted = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Node") => typed::<Node>(value).and_then(|n| {
+            ("v1", "Node") => self.typed::<Node>(value, document).and_then(|n| {
                 NodeInfo::try_from(&n)
                     .map(Object::Node)
                     .map_err(|e| e.to_string())
             }),
-            ("v1", "Pod") => typed::<Pod>(value).and_then(|p| {
+            ("v1", "Pod") => self.typed::<Pod>(value, document).and_then(|p| {
                 PodInfo::try_from(&p)
                     .map(Object::Pod)
                     .map_err(|e| e.to_string())
             }),
-            ("v1", "Namespace") => typed::<Namespace>(value).and_then(|n| {
+            ("v1", "Namespace") => self.typed::<Namespace>(value, document).and_then(|n| {
                 NamespaceInfo::try_from(&n)
                     .map(Object::Namespace)
                     .map_err(|e| e.to_string())
             }),
-            (VEIL_API_VERSION, VeilNode::KIND) => typed::<VeilNode>(value).and_then(|v| {
-                Announcement::try_from(&v)
-                    .map(Object::Announcement)
-                    .map_err(|e| e.to_string())
-            }),
-            (VEIL_API_VERSION, VeilClusterConfig::KIND) => typed::<VeilClusterConfig>(value)
+            (VEIL_API_VERSION, VeilNode::KIND) => {
+                self.typed::<VeilNode>(value, document).and_then(|v| {
+                    Announcement::try_from(&v)
+                        .map(Object::Announcement)
+                        .map_err(|e| e.to_string())
+                })
+            }
+            (VEIL_API_VERSION, VeilClusterConfig::KIND) => self
+                .typed::<VeilClusterConfig>(value, document)
                 .and_then(|c| match name.as_deref() {
                     Some(CLUSTER_CONFIG_NAME) => Ok(Object::Config(ClusterConfig::from(&c.spec))),
                     Some(_) => Err(format!(
@@ -493,10 +516,6 @@ impl Ctx<'_> {
             Err(problem) => self.diag(label, format!("{problem}; object skipped")),
         }
     }
-}
-
-fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
-    serde_yaml::from_value(value).map_err(|e| format!("malformed: {e}"))
 }
 
 /// Merges the files in path order; of two objects with the same kind and
@@ -863,7 +882,10 @@ metadata: {{name: fine}}
             ("Node/<no name, document 1>", "metadata.name"),
             ("Node/badcidr", "10.244.1.0/33"),
             ("Node/badip", "198.18.0.300"),
-            ("Node/badtype", "malformed"),
+            (
+                "Node/badtype",
+                "spec.podCIDRs: invalid type: integer `5`, expected a sequence at line 18",
+            ),
             ("VeilNode/shortkey", "spec.publicKey"),
             ("VeilNode/port0", "port 0"),
             (
