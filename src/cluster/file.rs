@@ -43,7 +43,10 @@ const DEBOUNCE_MAX_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("node name `{name}` cannot be a file name (empty, `.`, `..`, or contains `/`)")]
+    #[error(
+        "node name `{}` cannot be a file name (empty, over 253 bytes, leading `.`, or contains `/` or NUL)",
+        name.escape_debug()
+    )]
     InvalidNodeName { name: String },
     #[error("{path}: {op}: {source}")]
     Io {
@@ -155,7 +158,12 @@ impl FileSource {
 
     /// Writes `DIR/veilnodes/<node>.yaml` atomically (temp file in the same dir + rename), 0644.
     pub fn publish_announcement(&self, a: &Announcement) -> Result<(), Error> {
-        if a.node.is_empty() || a.node == "." || a.node == ".." || a.node.contains('/') {
+        // A leading dot would also hide the file from the scanner.
+        if a.node.is_empty()
+            || a.node.len() > 253
+            || a.node.starts_with('.')
+            || a.node.contains(['/', '\0'])
+        {
             return Err(Error::InvalidNodeName {
                 name: a.node.clone(),
             });
@@ -168,6 +176,15 @@ impl FileSource {
                 source,
             })?;
         let path = dir.join(format!("{}.yaml", a.node));
+        // Unchanged: no write, so no watch event and no rescan on every node.
+        if let (Ok(existing), Ok(meta)) = (fs::read(&path), fs::symlink_metadata(&path)) {
+            if existing == text.as_bytes()
+                && meta.is_file()
+                && meta.permissions().mode() & 0o7777 == 0o644
+            {
+                return Ok(());
+            }
+        }
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         // A leading dot: the scanner skips it, so a reader never sees a partial file.
         let tmp = dir.join(format!(
@@ -947,9 +964,15 @@ metadata: {{name: fine}}
             endpoint: None,
         };
         source.publish_announcement(&ann).unwrap();
+        let dir = tmp.path().join(ANNOUNCEMENT_DIR);
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let first = inode(&dir.join("n1.yaml"));
+        // Unchanged content is not rewritten (rename would give a new inode).
+        source.publish_announcement(&ann).unwrap();
+        assert_eq!(inode(&dir.join("n1.yaml")), first);
         ann.endpoint = Some("[fd00::1]:51820".parse().unwrap());
         source.publish_announcement(&ann).unwrap();
-        let dir = tmp.path().join(ANNOUNCEMENT_DIR);
+        assert_ne!(inode(&dir.join("n1.yaml")), first);
         let names: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -965,7 +988,7 @@ metadata: {{name: fine}}
         assert!(diags.is_empty(), "{diags:#?}");
         assert_eq!(state.announcements["n1"], ann);
 
-        for bad in ["", "..", "a/b"] {
+        for bad in ["", "..", ".hidden", "a/b", "a\0b"] {
             let err = source
                 .publish_announcement(&Announcement {
                     node: bad.into(),
