@@ -572,4 +572,103 @@ status:
         let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true, strict: false}}\n");
         assert!(!ClusterConfig::from(&cfg.spec).strict);
     }
+
+    #[test]
+    fn pod_as_kubectl_prints_it() {
+        let pod: Pod = yaml(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  creationTimestamp: "2025-03-01T10:00:00Z"
+  generateName: web-7d4b9c-
+  labels:
+    app: web
+    pod-template-hash: 7d4b9c
+  name: web-7d4b9c-x2k8p
+  namespace: prod
+  ownerReferences:
+  - apiVersion: apps/v1
+    blockOwnerDeletion: true
+    controller: true
+    kind: ReplicaSet
+    name: web-7d4b9c
+    uid: 0b6f2f3e-1111-2222-3333-444455556666
+  resourceVersion: "48213"
+  uid: 9a0c9d1e-1111-2222-3333-444455556666
+spec:
+  containers:
+  - image: nginx:1.27
+    imagePullPolicy: IfNotPresent
+    name: nginx
+    ports:
+    - containerPort: 80
+      protocol: TCP
+    resources:
+      limits: {memory: 128Mi}
+      requests: {cpu: 100m, memory: 64Mi}
+    terminationMessagePath: /dev/termination-log
+    terminationMessagePolicy: File
+    volumeMounts:
+    - mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      name: kube-api-access-abcde
+      readOnly: true
+  dnsPolicy: ClusterFirst
+  enableServiceLinks: true
+  nodeName: n2
+  preemptionPolicy: PreemptLowerPriority
+  priority: 0
+  restartPolicy: Always
+  schedulerName: default-scheduler
+  securityContext: {}
+  serviceAccountName: default
+  terminationGracePeriodSeconds: 30
+  tolerations:
+  - effect: NoExecute
+    key: node.kubernetes.io/not-ready
+    operator: Exists
+    tolerationSeconds: 300
+  volumes:
+  - name: kube-api-access-abcde
+    projected:
+      defaultMode: 420
+      sources:
+      - serviceAccountToken: {expirationSeconds: 3607, path: token}
+status:
+  conditions:
+  - lastProbeTime: null
+    lastTransitionTime: "2025-03-01T10:00:02Z"
+    status: "True"
+    type: Ready
+  containerStatuses:
+  - containerID: containerd://abc
+    image: docker.io/library/nginx:1.27
+    imageID: docker.io/library/nginx@sha256:00
+    lastState: {}
+    name: nginx
+    ready: true
+    restartCount: 0
+    started: true
+    state:
+      running: {startedAt: "2025-03-01T10:00:01Z"}
+  hostIP: 198.18.0.2
+  hostIPs:
+  - ip: 198.18.0.2
+  phase: Running
+  podIP: 10.244.2.17
+  podIPs:
+  - ip: 10.244.2.17
+  qosClass: Burstable
+  startTime: "2025-03-01T10:00:00Z"
+"#,
+        );
+        let info = PodInfo::try_from(&pod).unwrap();
+        assert_eq!(
+            (info.namespace.as_str(), info.name.as_str()),
+            ("prod", "web-7d4b9c-x2k8p")
+        );
+        assert_eq!(info.labels.len(), 2);
+        assert_eq!(info.node_name.as_deref(), Some("n2"));
+        assert_eq!(info.pod_ips, vec!["10.244.2.17".parse::<IpAddr>().unwrap()]);
+    }
 }
