@@ -46,7 +46,11 @@ pub struct PodInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub node_name: Option<String>,
+    /// `status.podIP`: the first of `pod_ips`.
     pub pod_ip: Option<IpAddr>,
+    /// `status.podIP` followed by the other `status.podIPs` (dual stack);
+    /// empty while the pod has no IP or after it terminated.
+    pub pod_ips: Vec<IpAddr>,
     /// `spec.hostNetwork`: such pods share the node's address and are not endpoints.
     pub host_network: bool,
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::cluster::{ClusterState, Diagnostic, PublicKey};
-use crate::identity::Identity;
+use crate::identity::{identity_for, Identity};
 
 /// One WireGuard peer: a remote node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +62,793 @@ pub struct Outcome {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// Computes this node's desired state. Pure: no I/O, no clock.
-pub fn desired(_state: &ClusterState, _node: &str) -> Outcome {
-    todo!("implemented by the cluster/reconcile work")
+/// `Diagnostic::source` of problems found while reconciling: they concern
+/// the combination of objects, not one file.
+pub const DIAGNOSTIC_SOURCE: &str = "reconcile";
+
+/// Whether two prefixes share any address (one contains the other).
+/// Prefixes of different families never overlap.
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+fn list(cidrs: &[IpNet]) -> String {
+    if cidrs.is_empty() {
+        return "none".into();
+    }
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+struct Diags(Vec<Diagnostic>);
+
+impl Diags {
+    fn push(&mut self, object: String, problem: String) {
+        self.0.push(Diagnostic {
+            source: DIAGNOSTIC_SOURCE.into(),
+            object,
+            problem,
+        });
+    }
+}
+
+/// Computes this node's desired state. Pure: no I/O, no clock; the same
+/// input always gives the same output (every collection is ordered).
+///
+/// Conflicts are resolved deterministically so that every node decides the
+/// same way: of two overlapping pod CIDRs the node whose name sorts first
+/// keeps it; of two pods with the same IP the one whose `(namespace, name)`
+/// sorts first keeps it.
+pub fn desired(state: &ClusterState, node: &str) -> Outcome {
+    let mut diags = Diags(Vec::new());
+    let mut d = Desired {
+        encryption_enabled: state.config.encryption_enabled,
+        strict: state.config.strict,
+        ..Desired::default()
+    };
+    match state.nodes.get(node) {
+        Some(own) => d.local_pod_cidrs = own.pod_cidrs.clone(),
+        None => diags.push(
+            format!("Node/{node}"),
+            "this node has no Node object: no local pod CIDRs, so no local endpoints".into(),
+        ),
+    }
+
+    let surviving = remote_cidrs(state, node, &mut d, &mut diags);
+    peers(state, node, &surviving, &mut d, &mut diags);
+    endpoints(state, node, &surviving, &mut d, &mut diags);
+
+    Outcome {
+        desired: d,
+        diagnostics: diags.0,
+    }
+}
+
+/// Fills `remote_cidrs` (all with `peer: None`) and returns, per remote
+/// node, the CIDRs that survived the overlap checks.
+fn remote_cidrs<'s>(
+    state: &'s ClusterState,
+    node: &str,
+    d: &mut Desired,
+    diags: &mut Diags,
+) -> BTreeMap<&'s str, Vec<IpNet>> {
+    let mut accepted: Vec<(IpNet, &str)> = Vec::new();
+    let mut surviving: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+    // BTreeMap iteration is by node name: the first name wins a conflict.
+    for (name, info) in &state.nodes {
+        if name == node {
+            continue;
+        }
+        for cidr in &info.pod_cidrs {
+            // Traffic to our own pods must never be sent to another node.
+            if let Some(own) = d.local_pod_cidrs.iter().find(|own| overlaps(own, cidr)) {
+                diags.push(
+                    format!("Node/{name}"),
+                    format!(
+                        "pod CIDR {cidr} of Node/{name} overlaps {own} of this node (Node/{node}); skipped"
+                    ),
+                );
+                continue;
+            }
+            if let Some((other, owner)) = accepted
+                .iter()
+                .find(|(other, owner)| *owner != name.as_str() && overlaps(other, cidr))
+            {
+                diags.push(
+                    format!("Node/{name}"),
+                    format!(
+                        "pod CIDR {cidr} of Node/{name} overlaps {other} of Node/{owner}; skipped"
+                    ),
+                );
+                continue;
+            }
+            accepted.push((*cidr, name));
+            surviving.entry(name.as_str()).or_default().push(*cidr);
+            d.remote_cidrs.insert(
+                *cidr,
+                RemoteCidr {
+                    node: name.clone(),
+                    peer: None,
+                },
+            );
+        }
+    }
+    surviving
+}
+
+/// Fills `peers` and sets `peer` on the remote CIDRs each peer serves.
+fn peers(
+    state: &ClusterState,
+    node: &str,
+    surviving: &BTreeMap<&str, Vec<IpNet>>,
+    d: &mut Desired,
+    diags: &mut Diags,
+) {
+    let mut by_key: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
+    for (name, ann) in &state.announcements {
+        if !state.nodes.contains_key(name) {
+            diags.push(
+                format!("VeilNode/{name}"),
+                format!("announcement for unknown node {name} (no Node object); ignored"),
+            );
+            continue;
+        }
+        by_key.entry(ann.public_key).or_default().push(name);
+    }
+    for (key, names) in &by_key {
+        if names.len() > 1 {
+            for name in names {
+                diags.push(
+                    format!("VeilNode/{name}"),
+                    format!(
+                        "public key {key} is announced by {} nodes ({}); none of them gets a peer until each has its own key",
+                        names.len(),
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    for (name, info) in &state.nodes {
+        if name == node {
+            continue;
+        }
+        let object = format!("VeilNode/{name}");
+        let Some(ann) = state.announcements.get(name) else {
+            if d.encryption_enabled {
+                diags.push(
+                    format!("Node/{name}"),
+                    format!("no VeilNode announcement for {name} yet: no peer, its pod CIDRs have no encrypted path"),
+                );
+            }
+            continue;
+        };
+        if by_key.get(&ann.public_key).is_some_and(|n| n.len() > 1) {
+            continue; // diagnosed above
+        }
+        if !keymgr::is_usable_public_key(&ann.public_key.0) {
+            diags.push(
+                object,
+                format!(
+                    "public key {} is a small-order point (all handshakes would share a zero secret); no peer",
+                    ann.public_key
+                ),
+            );
+            continue;
+        }
+        let endpoint = match (ann.endpoint, info.internal_ip) {
+            (Some(endpoint), _) => endpoint,
+            (None, Some(ip)) => SocketAddr::new(ip, ann.listen_port),
+            (None, None) => {
+                diags.push(
+                    object,
+                    format!("no endpoint: spec.endpoint is unset and Node/{name} has no InternalIP; no peer"),
+                );
+                continue;
+            }
+        };
+        let usable = surviving
+            .get(name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let mut allowed_ips = Vec::new();
+        for cidr in &ann.pod_cidrs {
+            if !info.pod_cidrs.contains(cidr) {
+                diags.push(
+                    object.clone(),
+                    format!(
+                        "claims pod CIDR {cidr}, which Node/{name} does not have ({}); not allowed",
+                        list(&info.pod_cidrs)
+                    ),
+                );
+            } else if usable.contains(cidr) {
+                allowed_ips.push(*cidr);
+            }
+            // else: the Node's CIDR lost an overlap, diagnosed already.
+        }
+        for cidr in &allowed_ips {
+            if let Some(remote) = d.remote_cidrs.get_mut(cidr) {
+                remote.peer = Some(ann.public_key);
+            }
+        }
+        d.peers.insert(
+            name.clone(),
+            PeerSpec {
+                node: name.clone(),
+                public_key: ann.public_key,
+                endpoint,
+                allowed_ips,
+            },
+        );
+    }
+}
+
+/// Fills `local_endpoints` and `ipcache` from the pods.
+fn endpoints(
+    state: &ClusterState,
+    node: &str,
+    surviving: &BTreeMap<&str, Vec<IpNet>>,
+    d: &mut Desired,
+    diags: &mut Diags,
+) {
+    let mut owner_of_ip: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut identities: BTreeMap<Identity, (&str, &BTreeMap<String, String>)> = BTreeMap::new();
+    for ((namespace, name), pod) in &state.pods {
+        let object = format!("Pod/{namespace}/{name}");
+        if pod.host_network {
+            continue; // shares the node's address: not an endpoint
+        }
+        // `pod_ips` is authoritative; `pod_ip` alone covers hand-built states.
+        let ips: Vec<IpAddr> = if pod.pod_ips.is_empty() {
+            pod.pod_ip.into_iter().collect()
+        } else {
+            pod.pod_ips.clone()
+        };
+        if ips.is_empty() {
+            continue; // not running yet (or terminated): nothing to route
+        }
+        let Some(pod_node) = pod.node_name.as_deref() else {
+            diags.push(object, "has an IP but no spec.nodeName; skipped".into());
+            continue;
+        };
+        if !state.nodes.contains_key(pod_node) {
+            diags.push(
+                object,
+                format!("scheduled on node {pod_node}, which has no Node object; skipped"),
+            );
+            continue;
+        }
+        let identity = identity_for(namespace, &pod.labels);
+        match identities.get(&identity) {
+            Some((ns, labels)) if (*ns, *labels) != (namespace.as_str(), &pod.labels) => {
+                diags.push(
+                    object.clone(),
+                    format!(
+                        "identity {identity} collides with the one of namespace {ns} labels {labels:?}; policy cannot tell these pods apart"
+                    ),
+                );
+            }
+            Some(_) => {}
+            None => {
+                identities.insert(identity, (namespace, &pod.labels));
+            }
+        }
+        let local = pod_node == node;
+        let cidrs: &[IpNet] = if local {
+            &d.local_pod_cidrs
+        } else {
+            surviving.get(pod_node).map(Vec::as_slice).unwrap_or(&[])
+        };
+        for ip in ips {
+            if !cidrs.iter().any(|c| c.contains(&ip)) {
+                diags.push(
+                    object.clone(),
+                    format!(
+                        "IP {ip} is outside the usable pod CIDRs of Node/{pod_node} ({}); skipped",
+                        list(cidrs)
+                    ),
+                );
+                continue;
+            }
+            if let Some(first) = owner_of_ip.get(&ip) {
+                diags.push(
+                    object.clone(),
+                    format!("IP {ip} is already used by {first}; skipped"),
+                );
+                continue;
+            }
+            owner_of_ip.insert(ip, object.clone());
+            if local {
+                d.local_endpoints.insert(
+                    ip,
+                    LocalEndpoint {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        identity,
+                    },
+                );
+            } else {
+                d.ipcache.insert(ip, identity);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Announcement, ClusterConfig, NodeInfo, PodInfo};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A usable public key (a real X25519 public key), distinct per seed.
+    fn key(seed: u8) -> PublicKey {
+        PublicKey(keymgr::WireGuardPrivateKey::from_bytes([seed; 32]).public_key())
+    }
+
+    fn add_node(state: &mut ClusterState, name: &str, cidrs: &[&str], internal: Option<&str>) {
+        state.nodes.insert(
+            name.into(),
+            NodeInfo {
+                name: name.into(),
+                pod_cidrs: cidrs.iter().map(|c| net(c)).collect(),
+                internal_ip: internal.map(ip),
+            },
+        );
+    }
+
+    fn announce(state: &mut ClusterState, name: &str, seed: u8, cidrs: &[&str]) {
+        state.announcements.insert(
+            name.into(),
+            Announcement {
+                node: name.into(),
+                public_key: key(seed),
+                listen_port: 51820,
+                pod_cidrs: cidrs.iter().map(|c| net(c)).collect(),
+                endpoint: None,
+            },
+        );
+    }
+
+    fn add_pod(state: &mut ClusterState, ns: &str, name: &str, node: &str, ip_s: &str, app: &str) {
+        let ip_a = ip(ip_s);
+        state.pods.insert(
+            (ns.into(), name.into()),
+            PodInfo {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: [("app".to_string(), app.to_string())].into(),
+                node_name: Some(node.into()),
+                pod_ip: Some(ip_a),
+                pod_ips: vec![ip_a],
+                host_network: false,
+            },
+        );
+    }
+
+    /// a, b, c with one pod each; b announces itself, c via an explicit endpoint.
+    fn three_nodes() -> ClusterState {
+        let mut s = ClusterState {
+            config: ClusterConfig {
+                encryption_enabled: true,
+                strict: true,
+            },
+            ..ClusterState::default()
+        };
+        add_node(&mut s, "a", &["10.244.1.0/24"], Some("198.18.0.1"));
+        add_node(
+            &mut s,
+            "b",
+            &["10.244.2.0/24", "fd00:10:244:2::/64"],
+            Some("198.18.0.2"),
+        );
+        add_node(&mut s, "c", &["10.244.3.0/24"], Some("198.18.0.3"));
+        announce(&mut s, "a", 1, &["10.244.1.0/24"]);
+        announce(&mut s, "b", 2, &["10.244.2.0/24", "fd00:10:244:2::/64"]);
+        announce(&mut s, "c", 3, &["10.244.3.0/24"]);
+        s.announcements.get_mut("c").unwrap().endpoint = Some("198.19.0.3:51999".parse().unwrap());
+        add_pod(&mut s, "default", "pa", "a", "10.244.1.10", "web");
+        add_pod(&mut s, "default", "pb", "b", "10.244.2.10", "web");
+        add_pod(&mut s, "prod", "pc", "c", "10.244.3.10", "db");
+        s
+    }
+
+    fn only_problems(out: &Outcome) -> Vec<String> {
+        out.diagnostics
+            .iter()
+            .map(|d| format!("{}: {}", d.object, d.problem))
+            .collect()
+    }
+
+    #[test]
+    fn three_node_cluster() {
+        let s = three_nodes();
+        let out = desired(&s, "a");
+        assert!(out.diagnostics.is_empty(), "{:#?}", out.diagnostics);
+        let d = &out.desired;
+        assert!(d.encryption_enabled && d.strict);
+        assert_eq!(d.local_pod_cidrs, vec![net("10.244.1.0/24")]);
+
+        assert_eq!(d.peers.keys().collect::<Vec<_>>(), vec!["b", "c"]);
+        assert_eq!(
+            d.peers["b"],
+            PeerSpec {
+                node: "b".into(),
+                public_key: key(2),
+                endpoint: "198.18.0.2:51820".parse().unwrap(),
+                allowed_ips: vec![net("10.244.2.0/24"), net("fd00:10:244:2::/64")],
+            }
+        );
+        assert_eq!(d.peers["c"].endpoint, "198.19.0.3:51999".parse().unwrap());
+        assert_eq!(d.peers["c"].allowed_ips, vec![net("10.244.3.0/24")]);
+
+        assert_eq!(d.remote_cidrs.len(), 3);
+        assert_eq!(
+            d.remote_cidrs[&net("fd00:10:244:2::/64")],
+            RemoteCidr {
+                node: "b".into(),
+                peer: Some(key(2))
+            }
+        );
+        assert_eq!(d.remote_cidrs[&net("10.244.3.0/24")].peer, Some(key(3)));
+        assert!(!d.remote_cidrs.contains_key(&net("10.244.1.0/24")));
+
+        assert_eq!(d.local_endpoints.len(), 1);
+        let pa = &d.local_endpoints[&ip("10.244.1.10")];
+        assert_eq!((pa.namespace.as_str(), pa.name.as_str()), ("default", "pa"));
+        assert_eq!(
+            d.ipcache.keys().copied().collect::<Vec<_>>(),
+            vec![ip("10.244.2.10"), ip("10.244.3.10")]
+        );
+        // Same namespace and labels: same identity, wherever the pod runs.
+        assert_eq!(d.ipcache[&ip("10.244.2.10")], pa.identity);
+        assert_ne!(d.ipcache[&ip("10.244.3.10")], pa.identity);
+    }
+
+    #[test]
+    fn identities_agree_across_nodes() {
+        let s = three_nodes();
+        let on_a = desired(&s, "a").desired;
+        let on_b = desired(&s, "b").desired;
+        let on_c = desired(&s, "c").desired;
+        // Node b's local view of pb equals what a and c cache for pb's IP.
+        let pb = on_b.local_endpoints[&ip("10.244.2.10")].identity;
+        assert_eq!(on_a.ipcache[&ip("10.244.2.10")], pb);
+        assert_eq!(on_c.ipcache[&ip("10.244.2.10")], pb);
+        // Each node peers with the two others, never with itself.
+        assert_eq!(on_b.peers.keys().collect::<Vec<_>>(), vec!["a", "c"]);
+        assert_eq!(on_c.peers.keys().collect::<Vec<_>>(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn deterministic() {
+        let s = three_nodes();
+        assert_eq!(desired(&s, "a"), desired(&s, "a"));
+        // Built in a different insertion order: same result.
+        let mut t = ClusterState {
+            config: s.config,
+            ..ClusterState::default()
+        };
+        for (k, v) in s.nodes.iter().rev() {
+            t.nodes.insert(k.clone(), v.clone());
+        }
+        for (k, v) in s.pods.iter().rev() {
+            t.pods.insert(k.clone(), v.clone());
+        }
+        for (k, v) in s.announcements.iter().rev() {
+            t.announcements.insert(k.clone(), v.clone());
+        }
+        assert_eq!(desired(&t, "a"), desired(&s, "a"));
+    }
+
+    #[test]
+    fn config_is_passed_through() {
+        let mut s = three_nodes();
+        s.config = ClusterConfig {
+            encryption_enabled: false,
+            strict: false,
+        };
+        let d = desired(&s, "a").desired;
+        assert!(!d.encryption_enabled && !d.strict);
+    }
+
+    #[test]
+    fn missing_announcement_gives_no_peer() {
+        let mut s = three_nodes();
+        s.announcements.remove("c");
+        let out = desired(&s, "a");
+        assert!(!out.desired.peers.contains_key("c"));
+        assert_eq!(
+            out.desired.remote_cidrs[&net("10.244.3.0/24")],
+            RemoteCidr {
+                node: "c".into(),
+                peer: None
+            }
+        );
+        // Its pods are still known (identity of traffic that may arrive later).
+        assert!(out.desired.ipcache.contains_key(&ip("10.244.3.10")));
+        assert_eq!(out.diagnostics.len(), 1, "{:#?}", out.diagnostics);
+        assert_eq!(out.diagnostics[0].object, "Node/c");
+    }
+
+    #[test]
+    fn overlapping_cidrs_first_name_wins() {
+        let mut s = three_nodes();
+        // c also claims part of b's range; b sorts first and keeps it.
+        s.nodes
+            .get_mut("c")
+            .unwrap()
+            .pod_cidrs
+            .push(net("10.244.2.0/25"));
+        // an IPv6 overlap the other way round: c's /64 inside b's /56.
+        s.nodes
+            .get_mut("b")
+            .unwrap()
+            .pod_cidrs
+            .push(net("fd00:20::/56"));
+        s.nodes
+            .get_mut("c")
+            .unwrap()
+            .pod_cidrs
+            .push(net("fd00:20:0:1::/64"));
+        // d claims exactly c's CIDR.
+        add_node(&mut s, "d", &["10.244.3.0/24"], Some("198.18.0.4"));
+        let out = desired(&s, "a");
+        let problems = only_problems(&out);
+        assert!(problems.contains(&"Node/c: pod CIDR 10.244.2.0/25 of Node/c overlaps 10.244.2.0/24 of Node/b; skipped".to_string()), "{problems:#?}");
+        assert!(problems.contains(&"Node/c: pod CIDR fd00:20:0:1::/64 of Node/c overlaps fd00:20::/56 of Node/b; skipped".to_string()), "{problems:#?}");
+        assert!(problems.contains(&"Node/d: pod CIDR 10.244.3.0/24 of Node/d overlaps 10.244.3.0/24 of Node/c; skipped".to_string()), "{problems:#?}");
+        let d = &out.desired;
+        assert_eq!(d.remote_cidrs[&net("10.244.2.0/24")].node, "b");
+        assert_eq!(d.remote_cidrs[&net("10.244.3.0/24")].node, "c");
+        assert!(!d.remote_cidrs.contains_key(&net("10.244.2.0/25")));
+        assert!(!d.remote_cidrs.contains_key(&net("fd00:20:0:1::/64")));
+        // d has no surviving CIDR and no announcement: no peer, nothing routed to it.
+        assert!(!d.peers.contains_key("d"));
+        assert!(d.remote_cidrs.values().all(|r| r.node != "d"));
+        // b did not announce fd00:20::/56: routed to b, but no peer serves it.
+        assert_eq!(d.remote_cidrs[&net("fd00:20::/56")].peer, None);
+        // v4 and v6 never overlap each other.
+        assert!(!overlaps(&net("0.0.0.0/0"), &net("::/0")));
+    }
+
+    #[test]
+    fn remote_claim_on_own_cidr_is_skipped() {
+        let mut s = three_nodes();
+        // b (sorts after a) and a node sorting before a both claim a's space.
+        s.nodes
+            .get_mut("b")
+            .unwrap()
+            .pod_cidrs
+            .push(net("10.244.0.0/16"));
+        add_node(&mut s, "0first", &["10.244.1.128/25"], Some("198.18.0.9"));
+        let out = desired(&s, "a");
+        let problems = only_problems(&out);
+        assert!(problems.contains(&"Node/b: pod CIDR 10.244.0.0/16 of Node/b overlaps 10.244.1.0/24 of this node (Node/a); skipped".to_string()), "{problems:#?}");
+        assert!(problems.contains(&"Node/0first: pod CIDR 10.244.1.128/25 of Node/0first overlaps 10.244.1.0/24 of this node (Node/a); skipped".to_string()), "{problems:#?}");
+        assert!(out
+            .desired
+            .remote_cidrs
+            .keys()
+            .all(|c| !overlaps(c, &net("10.244.1.0/24"))));
+        assert_eq!(out.desired.local_endpoints.len(), 1);
+    }
+
+    #[test]
+    fn announcement_cidrs_must_be_the_nodes() {
+        let mut s = three_nodes();
+        s.announcements
+            .get_mut("c")
+            .unwrap()
+            .pod_cidrs
+            .push(net("10.244.1.0/24")); // a's range: hijack attempt
+        s.announcements.get_mut("b").unwrap().pod_cidrs = vec![net("10.244.2.0/24")];
+        let out = desired(&s, "a");
+        let d = &out.desired;
+        assert_eq!(d.peers["c"].allowed_ips, vec![net("10.244.3.0/24")]);
+        // b announced only its v4 range: v6 is routed to b but has no peer.
+        assert_eq!(d.peers["b"].allowed_ips, vec![net("10.244.2.0/24")]);
+        assert_eq!(d.remote_cidrs[&net("fd00:10:244:2::/64")].peer, None);
+        let problems = only_problems(&out);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with(
+                "VeilNode/c: claims pod CIDR 10.244.1.0/24, which Node/c does not have"
+            ),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn unknown_duplicate_and_unusable_announcements() {
+        let mut s = three_nodes();
+        announce(&mut s, "ghost", 9, &["10.244.9.0/24"]);
+        // c reuses b's key: neither gets a peer.
+        s.announcements.get_mut("c").unwrap().public_key = key(2);
+        let out = desired(&s, "a");
+        assert!(out.desired.peers.is_empty(), "{:#?}", out.desired.peers);
+        assert_eq!(out.desired.remote_cidrs[&net("10.244.2.0/24")].peer, None);
+        let problems = only_problems(&out);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("VeilNode/ghost: announcement for unknown node ghost")),
+            "{problems:#?}"
+        );
+        assert_eq!(
+            problems
+                .iter()
+                .filter(|p| p.contains("is announced by 2 nodes (b, c)"))
+                .count(),
+            2,
+            "{problems:#?}"
+        );
+
+        // Another node announcing this node's own key is refused too.
+        let mut s = three_nodes();
+        s.announcements.get_mut("b").unwrap().public_key = key(1);
+        let out = desired(&s, "a");
+        assert!(!out.desired.peers.contains_key("b"));
+        assert!(out.desired.peers.contains_key("c"));
+
+        // A small-order key.
+        let mut s = three_nodes();
+        s.announcements.get_mut("b").unwrap().public_key = PublicKey([0; 32]);
+        let out = desired(&s, "a");
+        assert!(!out.desired.peers.contains_key("b"));
+        assert!(
+            only_problems(&out)[0].contains("small-order"),
+            "{:#?}",
+            out.diagnostics
+        );
+    }
+
+    #[test]
+    fn endpoint_needs_internal_ip_or_explicit() {
+        let mut s = three_nodes();
+        s.nodes.get_mut("b").unwrap().internal_ip = None;
+        s.nodes.get_mut("c").unwrap().internal_ip = None; // c has an explicit endpoint
+        let out = desired(&s, "a");
+        assert!(!out.desired.peers.contains_key("b"));
+        assert_eq!(
+            out.desired.peers["c"].endpoint,
+            "198.19.0.3:51999".parse().unwrap()
+        );
+        assert_eq!(out.desired.remote_cidrs[&net("10.244.2.0/24")].peer, None);
+        let problems = only_problems(&out);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("VeilNode/b: no endpoint"),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn pod_problems() {
+        let mut s = three_nodes();
+        add_pod(&mut s, "default", "lost", "nowhere", "10.244.7.1", "x");
+        add_pod(&mut s, "default", "pb-dup", "b", "10.244.2.10", "web"); // sorts after pb
+        add_pod(&mut s, "default", "astray", "a", "10.244.2.77", "x"); // local, outside a's CIDR
+        add_pod(&mut s, "default", "remote-astray", "c", "10.244.1.77", "x");
+        let mut host = s.pods[&("default".to_string(), "pa".to_string())].clone();
+        host.name = "host".into();
+        host.host_network = true;
+        host.pod_ip = Some(ip("198.18.0.1"));
+        host.pod_ips = vec![ip("198.18.0.1")];
+        s.pods.insert(("default".into(), "host".into()), host);
+        let mut pending = s.pods[&("default".to_string(), "pa".to_string())].clone();
+        pending.name = "pending".into();
+        pending.pod_ip = None;
+        pending.pod_ips = vec![];
+        s.pods.insert(("default".into(), "pending".into()), pending);
+
+        let out = desired(&s, "a");
+        let problems = only_problems(&out);
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(
+            problems.contains(
+                &"Pod/default/lost: scheduled on node nowhere, which has no Node object; skipped"
+                    .to_string()
+            ),
+            "{problems:#?}"
+        );
+        assert!(
+            problems.contains(
+                &"Pod/default/pb-dup: IP 10.244.2.10 is already used by Pod/default/pb; skipped"
+                    .to_string()
+            ),
+            "{problems:#?}"
+        );
+        assert!(problems.iter().any(|p| p.starts_with("Pod/default/astray: IP 10.244.2.77 is outside the usable pod CIDRs of Node/a (10.244.1.0/24)")), "{problems:#?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("Pod/default/remote-astray: IP 10.244.1.77 is outside")),
+            "{problems:#?}"
+        );
+        let d = &out.desired;
+        assert_eq!(
+            d.local_endpoints.keys().copied().collect::<Vec<_>>(),
+            vec![ip("10.244.1.10")]
+        );
+        assert_eq!(d.ipcache.len(), 2);
+        assert!(!d.ipcache.contains_key(&ip("198.18.0.1")));
+    }
+
+    #[test]
+    fn remote_pods_in_lost_cidrs_are_not_cached() {
+        let mut s = three_nodes();
+        add_node(&mut s, "d", &["10.244.3.0/24"], Some("198.18.0.4"));
+        add_pod(&mut s, "default", "pd", "d", "10.244.3.20", "x");
+        let out = desired(&s, "a");
+        assert!(!out.desired.ipcache.contains_key(&ip("10.244.3.20")));
+        assert!(only_problems(&out).iter().any(|p| p.starts_with(
+            "Pod/default/pd: IP 10.244.3.20 is outside the usable pod CIDRs of Node/d (none)"
+        )));
+    }
+
+    #[test]
+    fn dual_stack_pod() {
+        let mut s = three_nodes();
+        let pb = s
+            .pods
+            .get_mut(&("default".to_string(), "pb".to_string()))
+            .unwrap();
+        pb.pod_ips.push(ip("fd00:10:244:2::10"));
+        let on_a = desired(&s, "a").desired;
+        assert_eq!(
+            on_a.ipcache[&ip("fd00:10:244:2::10")],
+            on_a.ipcache[&ip("10.244.2.10")]
+        );
+        let on_b = desired(&s, "b").desired;
+        assert_eq!(on_b.local_endpoints.len(), 2);
+    }
+
+    #[test]
+    fn missing_own_node() {
+        let s = three_nodes();
+        let out = desired(&s, "zz");
+        assert!(out.desired.local_pod_cidrs.is_empty());
+        assert!(out.desired.local_endpoints.is_empty());
+        assert_eq!(out.desired.peers.len(), 3);
+        assert_eq!(out.diagnostics.len(), 1);
+        assert_eq!(out.diagnostics[0].object, "Node/zz");
+    }
+
+    #[test]
+    fn identity_collisions_are_diagnosed() {
+        // ~16.7M values: 20000 label sets give ~12 expected collisions (birthday
+        // bound); the inputs are fixed, so which pair collides is deterministic.
+        let mut seen = BTreeMap::new();
+        let (first, second) = (0..20_000)
+            .find_map(|i| {
+                let app = format!("app{i}");
+                let id = identity_for("default", &[("app".to_string(), app.clone())].into());
+                seen.insert(id, app.clone()).map(|earlier| (earlier, app))
+            })
+            .expect("no collision among 20000 label sets");
+        let mut s = three_nodes();
+        add_pod(&mut s, "default", "x1", "b", "10.244.2.11", &first);
+        add_pod(&mut s, "default", "x2", "b", "10.244.2.12", &second);
+        let out = desired(&s, "a");
+        let problems = only_problems(&out);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with("Pod/default/x2: identity"),
+            "{problems:#?}"
+        );
+        assert!(problems[0].contains("collides"), "{problems:#?}");
+        // Both pods are still reachable; only policy precision suffers.
+        assert_eq!(out.desired.ipcache.len(), 4);
+    }
 }

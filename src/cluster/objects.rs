@@ -1,1 +1,674 @@
-//! Typed Veil objects (CRDs) as they appear in YAML.
+//! Typed Veil objects (CRDs) as they appear in YAML, and the conversions from
+//! Kubernetes objects (k8s-openapi types) into Veil's cluster state.
+//!
+//! The conversions are shared by every source (the file source today, the
+//! kube source later): each validates one object and either yields the
+//! reduced form or an [`ObjectError`] saying what is wrong with it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+use super::{Announcement, ClusterConfig, NamespaceInfo, NodeInfo, PodInfo, PublicKey};
+
+/// API group/version of every Veil CRD.
+pub const VEIL_API_VERSION: &str = "veil.dev/v1alpha1";
+/// The WireGuard port used when a `VeilNode` does not say.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// The only `VeilClusterConfig` that counts.
+pub const CLUSTER_CONFIG_NAME: &str = "default";
+/// The label the API server puts on every namespace (Kubernetes >= 1.21), so
+/// that `namespaceSelector` can pick a namespace by name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// What is wrong with one object. The object itself is named by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("metadata.name is missing or empty")]
+    MissingName,
+    #[error("{field}: `{value}` is not a CIDR: {reason}")]
+    InvalidCidr {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{field}: `{value}` is not an IP address: {reason}")]
+    InvalidIp {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("spec.publicKey: {0} (expected the 44-character base64 form printed by `wg pubkey`)")]
+    InvalidPublicKey(#[source] keymgr::Error),
+    #[error("spec.listenPort: port 0 cannot be reached")]
+    ZeroPort,
+    #[error("spec.endpoint: `{value}` is not `ip:port` (IPv6 as `[addr]:port`): {reason}")]
+    InvalidEndpoint { value: String, reason: String },
+    #[error("spec.endpoint: `{value}` has port 0")]
+    EndpointZeroPort { value: String },
+}
+
+/// `spec` of a `VeilNode`: a node's announcement of how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilNodeSpec {
+    /// The node's WireGuard public key, base64.
+    pub public_key: String,
+    /// UDP port of the node's WireGuard engine; [`DEFAULT_LISTEN_PORT`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u16>,
+    /// The pod CIDRs the node asks its peers to accept from it.
+    #[serde(rename = "podCIDRs", default)]
+    pub pod_cidrs: Vec<String>,
+    /// `ip:port` when the Node's InternalIP is not the address to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// `veil.dev/v1alpha1 VeilNode`, cluster-scoped, named after the node.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilNode {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VeilNodeSpec,
+}
+
+impl VeilNode {
+    pub const API_VERSION: &'static str = VEIL_API_VERSION;
+    pub const KIND: &'static str = "VeilNode";
+
+    pub fn new(name: &str, spec: VeilNodeSpec) -> Self {
+        Self {
+            api_version: Self::API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec,
+        }
+    }
+}
+
+/// `spec.encryption` of the `VeilClusterConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionSpec {
+    /// Off when absent: enabling encryption is an explicit cluster decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// On when absent: never send remote pod traffic in plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `spec` of the `VeilClusterConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilClusterConfigSpec {
+    #[serde(default)]
+    pub encryption: EncryptionSpec,
+}
+
+/// `veil.dev/v1alpha1 VeilClusterConfig`, cluster-scoped; only `default` counts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilClusterConfig {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VeilClusterConfigSpec,
+}
+
+impl VeilClusterConfig {
+    pub const API_VERSION: &'static str = VEIL_API_VERSION;
+    pub const KIND: &'static str = "VeilClusterConfig";
+
+    pub fn new(spec: VeilClusterConfigSpec) -> Self {
+        Self {
+            api_version: Self::API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata: ObjectMeta {
+                name: Some(CLUSTER_CONFIG_NAME.into()),
+                ..ObjectMeta::default()
+            },
+            spec,
+        }
+    }
+}
+
+impl From<&VeilClusterConfigSpec> for ClusterConfig {
+    fn from(spec: &VeilClusterConfigSpec) -> Self {
+        let defaults = ClusterConfig::default();
+        ClusterConfig {
+            encryption_enabled: spec
+                .encryption
+                .enabled
+                .unwrap_or(defaults.encryption_enabled),
+            strict: spec.encryption.strict.unwrap_or(defaults.strict),
+        }
+    }
+}
+
+fn name_of(meta: &ObjectMeta) -> Result<String, ObjectError> {
+    match meta.name.as_deref() {
+        Some(name) if !name.is_empty() => Ok(name.to_string()),
+        _ => Err(ObjectError::MissingName),
+    }
+}
+
+/// Parses a CIDR; host bits are cleared, as the API server's sloppy parser
+/// accepts `10.244.1.5/24` for `10.244.1.0/24`.
+pub fn parse_cidr(field: &'static str, value: &str) -> Result<IpNet, ObjectError> {
+    value
+        .trim()
+        .parse::<IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|e| ObjectError::InvalidCidr {
+            field,
+            value: value.into(),
+            reason: e.to_string(),
+        })
+}
+
+pub fn parse_ip(field: &'static str, value: &str) -> Result<IpAddr, ObjectError> {
+    value
+        .trim()
+        .parse::<IpAddr>()
+        .map_err(|e| ObjectError::InvalidIp {
+            field,
+            value: value.into(),
+            reason: e.to_string(),
+        })
+}
+
+fn labels_of(meta: &ObjectMeta) -> BTreeMap<String, String> {
+    meta.labels.clone().unwrap_or_default()
+}
+
+impl TryFrom<&Node> for NodeInfo {
+    type Error = ObjectError;
+
+    fn try_from(node: &Node) -> Result<Self, ObjectError> {
+        let name = name_of(&node.metadata)?;
+        let spec = node.spec.as_ref();
+        // `podCIDRs` (dual stack, 1.16+) supersedes `podCIDR`; when both are
+        // set the API server keeps podCIDR == podCIDRs[0].
+        let pod_cidrs = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+            Some(list) if !list.is_empty() => list
+                .iter()
+                .map(|c| parse_cidr("spec.podCIDRs", c))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => spec
+                .and_then(|s| s.pod_cidr.as_deref())
+                .filter(|c| !c.is_empty())
+                .map(|c| parse_cidr("spec.podCIDR", c))
+                .transpose()?
+                .into_iter()
+                .collect(),
+        };
+        let mut pod_cidrs_dedup = Vec::with_capacity(pod_cidrs.len());
+        for cidr in pod_cidrs {
+            if !pod_cidrs_dedup.contains(&cidr) {
+                pod_cidrs_dedup.push(cidr);
+            }
+        }
+        let internal_ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|addrs| addrs.iter().find(|a| a.type_ == "InternalIP"))
+            .map(|a| parse_ip("status.addresses[InternalIP]", &a.address))
+            .transpose()?;
+        Ok(NodeInfo {
+            name,
+            pod_cidrs: pod_cidrs_dedup,
+            internal_ip,
+        })
+    }
+}
+
+impl TryFrom<&Pod> for PodInfo {
+    type Error = ObjectError;
+
+    fn try_from(pod: &Pod) -> Result<Self, ObjectError> {
+        let name = name_of(&pod.metadata)?;
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let mut pod_ips = Vec::new();
+        // A pod that has terminated has released its IP (the CNI may already
+        // have given it to another pod) even though status still shows it.
+        let terminated = matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if !terminated {
+            if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
+                if !ip.is_empty() {
+                    pod_ips.push(parse_ip("status.podIP", ip)?);
+                }
+            }
+            for entry in status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                let ip = parse_ip("status.podIPs", &entry.ip)?;
+                if !pod_ips.contains(&ip) {
+                    pod_ips.push(ip);
+                }
+            }
+        }
+        Ok(PodInfo {
+            namespace,
+            name,
+            labels: labels_of(&pod.metadata),
+            node_name: spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            pod_ip: pod_ips.first().copied(),
+            pod_ips,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        })
+    }
+}
+
+impl TryFrom<&Namespace> for NamespaceInfo {
+    type Error = ObjectError;
+
+    fn try_from(ns: &Namespace) -> Result<Self, ObjectError> {
+        let name = name_of(&ns.metadata)?;
+        let mut labels = labels_of(&ns.metadata);
+        // Objects read from files (or from old clusters) may lack the label
+        // the API server adds automatically; selectors rely on it.
+        labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+        Ok(NamespaceInfo { name, labels })
+    }
+}
+
+impl TryFrom<&VeilNode> for Announcement {
+    type Error = ObjectError;
+
+    fn try_from(vn: &VeilNode) -> Result<Self, ObjectError> {
+        let node = name_of(&vn.metadata)?;
+        let spec = &vn.spec;
+        let public_key =
+            PublicKey(keymgr::decode_key(&spec.public_key).map_err(ObjectError::InvalidPublicKey)?);
+        let listen_port = spec.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
+        if listen_port == 0 {
+            return Err(ObjectError::ZeroPort);
+        }
+        let mut pod_cidrs = Vec::with_capacity(spec.pod_cidrs.len());
+        for c in &spec.pod_cidrs {
+            let cidr = parse_cidr("spec.podCIDRs", c)?;
+            if !pod_cidrs.contains(&cidr) {
+                pod_cidrs.push(cidr);
+            }
+        }
+        let endpoint =
+            spec.endpoint
+                .as_deref()
+                .filter(|e| !e.trim().is_empty())
+                .map(|e| {
+                    let addr = e.trim().parse::<SocketAddr>().map_err(|err| {
+                        ObjectError::InvalidEndpoint {
+                            value: e.into(),
+                            reason: err.to_string(),
+                        }
+                    })?;
+                    if addr.port() == 0 {
+                        return Err(ObjectError::EndpointZeroPort { value: e.into() });
+                    }
+                    Ok(addr)
+                })
+                .transpose()?;
+        Ok(Announcement {
+            node,
+            public_key,
+            listen_port,
+            pod_cidrs,
+            endpoint,
+        })
+    }
+}
+
+impl From<&Announcement> for VeilNode {
+    fn from(a: &Announcement) -> Self {
+        VeilNode::new(
+            &a.node,
+            VeilNodeSpec {
+                public_key: a.public_key.to_string(),
+                listen_port: Some(a.listen_port),
+                pod_cidrs: a.pod_cidrs.iter().map(ToString::to_string).collect(),
+                endpoint: a.endpoint.map(|e| e.to_string()),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn node_from_kubectl_yaml() {
+        let node: Node = yaml(
+            r#"
+apiVersion: v1
+kind: Node
+metadata:
+  creationTimestamp: "2025-01-01T00:00:00Z"
+  labels: {kubernetes.io/hostname: n1}
+  name: n1
+  resourceVersion: "123"
+  uid: 5f1d1f9e-0000-0000-0000-000000000000
+spec:
+  podCIDR: 10.244.1.0/24
+  podCIDRs: [10.244.1.0/24, "fd00:10:244:1::/64"]
+status:
+  addresses:
+  - {address: n1, type: Hostname}
+  - {address: 198.18.0.1, type: InternalIP}
+  - {address: "fd00::1", type: InternalIP}
+  capacity: {cpu: "2", memory: 4Gi}
+"#,
+        );
+        let info = NodeInfo::try_from(&node).unwrap();
+        assert_eq!(info.name, "n1");
+        assert_eq!(
+            info.pod_cidrs,
+            vec![
+                "10.244.1.0/24".parse::<IpNet>().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(info.internal_ip, Some("198.18.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn node_pod_cidr_fallback_and_errors() {
+        let node: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n2}\nspec: {podCIDR: 10.244.2.7/24}\n",
+        );
+        let info = NodeInfo::try_from(&node).unwrap();
+        assert_eq!(
+            info.pod_cidrs,
+            vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(info.internal_ip, None);
+
+        let bare: Node = yaml("apiVersion: v1\nkind: Node\nmetadata: {name: n3}\n");
+        assert!(NodeInfo::try_from(&bare).unwrap().pod_cidrs.is_empty());
+
+        let bad: Node = yaml("apiVersion: v1\nkind: Node\nmetadata: {name: n4}\nspec: {podCIDRs: [10.244.300.0/24]}\n");
+        let err = NodeInfo::try_from(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.podCIDRs") && err.contains("10.244.300.0/24"),
+            "{err}"
+        );
+
+        let bad_ip: Node = yaml("apiVersion: v1\nkind: Node\nmetadata: {name: n5}\nstatus: {addresses: [{address: 198.18.0.999, type: InternalIP}]}\n");
+        let err = NodeInfo::try_from(&bad_ip).unwrap_err().to_string();
+        assert!(err.contains("198.18.0.999"), "{err}");
+
+        let unnamed: Node = yaml("apiVersion: v1\nkind: Node\nmetadata: {}\n");
+        assert!(matches!(
+            NodeInfo::try_from(&unnamed),
+            Err(ObjectError::MissingName)
+        ));
+    }
+
+    #[test]
+    fn pod_fields_defaults_and_terminated() {
+        let pod: Pod = yaml(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  labels: {app: web}
+spec:
+  nodeName: n1
+  containers: [{name: c, image: busybox}]
+status:
+  phase: Running
+  podIP: 10.244.1.5
+  podIPs: [{ip: 10.244.1.5}, {ip: "fd00:10:244:1::5"}]
+"#,
+        );
+        let info = PodInfo::try_from(&pod).unwrap();
+        assert_eq!(info.namespace, "default");
+        assert_eq!(info.name, "web-1");
+        assert_eq!(info.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(info.node_name.as_deref(), Some("n1"));
+        assert_eq!(info.pod_ip, Some("10.244.1.5".parse().unwrap()));
+        assert_eq!(info.pod_ips.len(), 2);
+        assert!(!info.host_network);
+
+        let done: Pod = yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: job, namespace: batch}\nspec: {nodeName: n1, hostNetwork: true}\nstatus: {phase: Succeeded, podIP: 10.244.1.6}\n");
+        let info = PodInfo::try_from(&done).unwrap();
+        assert_eq!(info.namespace, "batch");
+        assert!(info.host_network);
+        assert_eq!(info.pod_ip, None);
+        assert!(info.pod_ips.is_empty());
+
+        let bad: Pod =
+            yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: not-an-ip}\n");
+        let err = PodInfo::try_from(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("status.podIP") && err.contains("not-an-ip"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn namespace_gets_name_label() {
+        let ns: Namespace =
+            yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n");
+        let info = NamespaceInfo::try_from(&ns).unwrap();
+        assert_eq!(info.labels.get("team").map(String::as_str), Some("a"));
+        assert_eq!(
+            info.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("prod")
+        );
+    }
+
+    #[test]
+    fn veil_node_round_trip_and_validation() {
+        let key = keymgr::encode_key(&[9; 32]);
+        let vn: VeilNode = yaml(&format!(
+            "apiVersion: veil.dev/v1alpha1\nkind: VeilNode\nmetadata: {{name: n1}}\nspec:\n  publicKey: {key}\n  podCIDRs: [10.244.1.0/24]\n"
+        ));
+        let a = Announcement::try_from(&vn).unwrap();
+        assert_eq!(a.listen_port, DEFAULT_LISTEN_PORT);
+        assert_eq!(a.public_key, PublicKey([9; 32]));
+        assert_eq!(a.endpoint, None);
+        let back = VeilNode::from(&Announcement {
+            endpoint: Some("198.18.0.1:51821".parse().unwrap()),
+            ..a.clone()
+        });
+        let text = serde_yaml::to_string(&back).unwrap();
+        assert!(text.contains("podCIDRs:"), "{text}");
+        assert!(text.contains("publicKey:"), "{text}");
+        assert!(text.contains("listenPort: 51820"), "{text}");
+        let again: VeilNode = yaml(&text);
+        assert_eq!(
+            Announcement::try_from(&again).unwrap().endpoint,
+            Some("198.18.0.1:51821".parse().unwrap())
+        );
+
+        let mut bad = vn.clone();
+        bad.spec.public_key = keymgr::encode_key(&[9; 32])[..20].into();
+        assert!(matches!(
+            Announcement::try_from(&bad),
+            Err(ObjectError::InvalidPublicKey(_))
+        ));
+        let mut bad = vn.clone();
+        bad.spec.listen_port = Some(0);
+        assert!(matches!(
+            Announcement::try_from(&bad),
+            Err(ObjectError::ZeroPort)
+        ));
+        let mut bad = vn.clone();
+        bad.spec.endpoint = Some("198.18.0.1".into());
+        assert!(matches!(
+            Announcement::try_from(&bad),
+            Err(ObjectError::InvalidEndpoint { .. })
+        ));
+        let mut bad = vn.clone();
+        bad.spec.endpoint = Some("198.18.0.1:0".into());
+        assert!(matches!(
+            Announcement::try_from(&bad),
+            Err(ObjectError::EndpointZeroPort { .. })
+        ));
+        let mut bad = vn;
+        bad.spec.pod_cidrs = vec!["10.244.1.0/33".into()];
+        assert!(matches!(
+            Announcement::try_from(&bad),
+            Err(ObjectError::InvalidCidr { .. })
+        ));
+    }
+
+    #[test]
+    fn cluster_config_defaults() {
+        let cfg: VeilClusterConfig = yaml(
+            "apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\n",
+        );
+        assert_eq!(
+            ClusterConfig::from(&cfg.spec),
+            ClusterConfig {
+                encryption_enabled: false,
+                strict: true
+            }
+        );
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true}}\n");
+        assert_eq!(
+            ClusterConfig::from(&cfg.spec),
+            ClusterConfig {
+                encryption_enabled: true,
+                strict: true
+            }
+        );
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true, strict: false}}\n");
+        assert!(!ClusterConfig::from(&cfg.spec).strict);
+    }
+
+    #[test]
+    fn pod_as_kubectl_prints_it() {
+        let pod: Pod = yaml(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  creationTimestamp: "2025-03-01T10:00:00Z"
+  generateName: web-7d4b9c-
+  labels:
+    app: web
+    pod-template-hash: 7d4b9c
+  name: web-7d4b9c-x2k8p
+  namespace: prod
+  ownerReferences:
+  - apiVersion: apps/v1
+    blockOwnerDeletion: true
+    controller: true
+    kind: ReplicaSet
+    name: web-7d4b9c
+    uid: 0b6f2f3e-1111-2222-3333-444455556666
+  resourceVersion: "48213"
+  uid: 9a0c9d1e-1111-2222-3333-444455556666
+spec:
+  containers:
+  - image: nginx:1.27
+    imagePullPolicy: IfNotPresent
+    name: nginx
+    ports:
+    - containerPort: 80
+      protocol: TCP
+    resources:
+      limits: {memory: 128Mi}
+      requests: {cpu: 100m, memory: 64Mi}
+    terminationMessagePath: /dev/termination-log
+    terminationMessagePolicy: File
+    volumeMounts:
+    - mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      name: kube-api-access-abcde
+      readOnly: true
+  dnsPolicy: ClusterFirst
+  enableServiceLinks: true
+  nodeName: n2
+  preemptionPolicy: PreemptLowerPriority
+  priority: 0
+  restartPolicy: Always
+  schedulerName: default-scheduler
+  securityContext: {}
+  serviceAccountName: default
+  terminationGracePeriodSeconds: 30
+  tolerations:
+  - effect: NoExecute
+    key: node.kubernetes.io/not-ready
+    operator: Exists
+    tolerationSeconds: 300
+  volumes:
+  - name: kube-api-access-abcde
+    projected:
+      defaultMode: 420
+      sources:
+      - serviceAccountToken: {expirationSeconds: 3607, path: token}
+status:
+  conditions:
+  - lastProbeTime: null
+    lastTransitionTime: "2025-03-01T10:00:02Z"
+    status: "True"
+    type: Ready
+  containerStatuses:
+  - containerID: containerd://abc
+    image: docker.io/library/nginx:1.27
+    imageID: docker.io/library/nginx@sha256:00
+    lastState: {}
+    name: nginx
+    ready: true
+    restartCount: 0
+    started: true
+    state:
+      running: {startedAt: "2025-03-01T10:00:01Z"}
+  hostIP: 198.18.0.2
+  hostIPs:
+  - ip: 198.18.0.2
+  phase: Running
+  podIP: 10.244.2.17
+  podIPs:
+  - ip: 10.244.2.17
+  qosClass: Burstable
+  startTime: "2025-03-01T10:00:00Z"
+"#,
+        );
+        let info = PodInfo::try_from(&pod).unwrap();
+        assert_eq!(
+            (info.namespace.as_str(), info.name.as_str()),
+            ("prod", "web-7d4b9c-x2k8p")
+        );
+        assert_eq!(info.labels.len(), 2);
+        assert_eq!(info.node_name.as_deref(), Some("n2"));
+        assert_eq!(info.pod_ips, vec!["10.244.2.17".parse::<IpAddr>().unwrap()]);
+    }
+}

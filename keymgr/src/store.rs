@@ -1,0 +1,532 @@
+//! On-disk key storage: one small versioned text file per key kind.
+//!
+//! ```text
+//! # Veil key file: secret, keep mode 0600.
+//! version=1
+//! kind=x25519
+//! generation=1
+//! private_key=<base64>
+//! ```
+//!
+//! Files are written to a temporary file in the same directory, fsynced,
+//! then moved into place (POSIX rename(2) replaces the target atomically,
+//! and link(2) creates it only if absent), and the directory is fsynced so
+//! the new name survives a crash. Readers therefore see either the old or the
+//! new key, never a mix.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use zeroize::Zeroizing;
+
+use crate::{decode_key, encode_key, Error, WireGuardPrivateKey, KEY_LEN};
+
+/// The only file format version this build reads and writes.
+const FORMAT_VERSION: &str = "1";
+/// Key files are a few lines; anything larger is not one of ours.
+const MAX_FILE_LEN: u64 = 4096;
+/// Bits that must be clear on a key file: no access for group or others.
+const FORBIDDEN_MODE_BITS: u32 = 0o077;
+
+/// A secret as stored, with its generation.
+type RawKey = (Zeroizing<[u8; KEY_LEN]>, u64);
+
+/// The kinds of secret a [`KeyStore`] holds; each has its own file.
+///
+/// Ed25519 node identity keys will be a second variant: their 32-byte seed
+/// fits the same file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    /// The node's WireGuard static key.
+    WireGuard,
+}
+
+impl KeyKind {
+    fn file_name(self) -> &'static str {
+        match self {
+            KeyKind::WireGuard => "wireguard.key",
+        }
+    }
+
+    /// The `kind=` value in the file: the algorithm, so a file copied to the
+    /// wrong name is refused instead of misused.
+    fn tag(self) -> &'static str {
+        match self {
+            KeyKind::WireGuard => "x25519",
+        }
+    }
+}
+
+impl fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyKind::WireGuard => "WireGuard",
+        })
+    }
+}
+
+/// A key together with its generation (1 for the first key, +1 per rotation).
+#[derive(Debug, Clone)]
+pub struct StoredKey<K> {
+    pub key: K,
+    pub generation: u64,
+}
+
+/// A directory of key files (created with mode 0700).
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    dir: PathBuf,
+}
+
+impl KeyStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the key of `kind` lives.
+    pub fn path(&self, kind: KeyKind) -> PathBuf {
+        self.dir.join(kind.file_name())
+    }
+
+    /// The node's WireGuard key, generated (generation 1) and stored the
+    /// first time. If another process creates the key concurrently, both end
+    /// up with the one that reached the disk first.
+    pub fn load_or_generate_wireguard(&self) -> Result<StoredKey<WireGuardPrivateKey>, Error> {
+        if let Some(stored) = self.load_wireguard()? {
+            return Ok(stored);
+        }
+        let fresh = WireGuardPrivateKey::generate();
+        let created = self.write(KeyKind::WireGuard, &fresh.to_bytes(), 1, false)?;
+        if created {
+            return Ok(StoredKey {
+                key: fresh,
+                generation: 1,
+            });
+        }
+        self.load_wireguard()?.ok_or_else(|| Error::Corrupt {
+            path: self.path(KeyKind::WireGuard),
+            problem: "key file vanished while it was being created".into(),
+        })
+    }
+
+    /// The stored WireGuard key, or `None` if there is none yet.
+    pub fn load_wireguard(&self) -> Result<Option<StoredKey<WireGuardPrivateKey>>, Error> {
+        Ok(self
+            .read(KeyKind::WireGuard)?
+            .map(|(secret, generation)| StoredKey {
+                key: WireGuardPrivateKey::from_bytes(*secret),
+                generation,
+            }))
+    }
+
+    /// Replaces the stored WireGuard key (the building block of rotation).
+    pub fn store_wireguard(&self, stored: &StoredKey<WireGuardPrivateKey>) -> Result<(), Error> {
+        self.write(
+            KeyKind::WireGuard,
+            &stored.key.to_bytes(),
+            stored.generation,
+            true,
+        )
+        .map(|_| ())
+    }
+
+    /// Reads and validates the file of `kind`; `None` if it does not exist.
+    fn read(&self, kind: KeyKind) -> Result<Option<RawKey>, Error> {
+        let path = self.path(kind);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(io_err(&path, "open", source)),
+        };
+        // fstat the opened file, not the path, so the checked file is the read one.
+        let meta = file
+            .metadata()
+            .map_err(|source| io_err(&path, "stat", source))?;
+        if !meta.is_file() {
+            return Err(corrupt(&path, "not a regular file"));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & FORBIDDEN_MODE_BITS != 0 {
+            return Err(Error::Permissions { path, mode });
+        }
+        if meta.len() > MAX_FILE_LEN {
+            return Err(corrupt(
+                &path,
+                format!("{} bytes, larger than any key file", meta.len()),
+            ));
+        }
+        let mut raw = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+        Read::by_ref(&mut file)
+            .take(MAX_FILE_LEN + 1)
+            .read_to_end(&mut raw)
+            .map_err(|source| io_err(&path, "read", source))?;
+        let text = std::str::from_utf8(&raw).map_err(|_| corrupt(&path, "not UTF-8 text"))?;
+        parse(text, kind)
+            .map(Some)
+            .map_err(|problem| corrupt(&path, problem))
+    }
+
+    /// Writes the file of `kind`. With `overwrite == false` an existing file
+    /// is left alone and `Ok(false)` returned.
+    fn write(
+        &self,
+        kind: KeyKind,
+        secret: &[u8; KEY_LEN],
+        generation: u64,
+        overwrite: bool,
+    ) -> Result<bool, Error> {
+        if generation == 0 {
+            return Err(Error::GenerationOverflow { kind });
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|source| io_err(&self.dir, "create directory", source))?;
+        let path = self.path(kind);
+        let content = Zeroizing::new(format!(
+            "# Veil key file: secret, keep mode 0600.\nversion={FORMAT_VERSION}\nkind={}\ngeneration={generation}\nprivate_key={}\n",
+            kind.tag(),
+            encode_key(secret),
+        ));
+        let tmp = self.temp_path(kind);
+        let result = write_synced(&tmp, content.as_bytes()).and_then(|()| {
+            if overwrite {
+                fs::rename(&tmp, &path).map_err(|source| io_err(&path, "rename", source))?;
+                Ok(true)
+            } else {
+                // link(2) fails with EEXIST instead of replacing: create-if-absent.
+                match fs::hard_link(&tmp, &path) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(source) => Err(io_err(&path, "link", source)),
+                }
+            }
+        });
+        // After rename the temp name is gone; after link (or on error) it remains.
+        if tmp.exists() {
+            let _ = fs::remove_file(&tmp);
+        }
+        let created = result?;
+        // The rename/link is durable only once the directory entry is synced.
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| io_err(&self.dir, "fsync directory", source))?;
+        Ok(created)
+    }
+
+    fn temp_path(&self, kind: KeyKind) -> PathBuf {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!(
+            ".{}.tmp-{}-{n}",
+            kind.file_name(),
+            std::process::id()
+        ))
+    }
+}
+
+fn write_synced(path: &Path, content: &[u8]) -> Result<(), Error> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| io_err(path, "create", source))?;
+    // The umask can only remove bits, but be explicit: the secret must never
+    // be readable by others, even briefly.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(|source| io_err(path, "chmod", source))?;
+    file.write_all(content)
+        .map_err(|source| io_err(path, "write", source))?;
+    file.sync_all()
+        .map_err(|source| io_err(path, "fsync", source))
+}
+
+/// Parses a key file body; the error is the problem, without key material.
+fn parse(text: &str, kind: KeyKind) -> Result<RawKey, String> {
+    let mut version = None;
+    let mut file_kind = None;
+    let mut generation = None;
+    let mut secret = None;
+    for (index, line) in text.lines().enumerate() {
+        let lineno = index + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((field, value)) = line.split_once('=') else {
+            return Err(format!("line {lineno}: expected `field=value`"));
+        };
+        let slot = match field.trim() {
+            "version" => &mut version,
+            "kind" => &mut file_kind,
+            "generation" => &mut generation,
+            "private_key" => &mut secret,
+            other => {
+                return Err(format!(
+                    "line {lineno}: unknown field `{}`",
+                    other.escape_debug()
+                ))
+            }
+        };
+        if slot.replace((lineno, value.trim())).is_some() {
+            return Err(format!("line {lineno}: field `{}` repeated", field.trim()));
+        }
+    }
+    let (_, version) = version.ok_or("missing `version`")?;
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "unsupported version `{}` (this build reads version {FORMAT_VERSION})",
+            version.escape_debug()
+        ));
+    }
+    let (lineno, file_kind) = file_kind.ok_or("missing `kind`")?;
+    if file_kind != kind.tag() {
+        return Err(format!(
+            "line {lineno}: kind `{}`, expected `{}`",
+            file_kind.escape_debug(),
+            kind.tag()
+        ));
+    }
+    let (lineno, generation) = generation.ok_or("missing `generation`")?;
+    let generation = match generation.parse::<u64>() {
+        Ok(g) if g >= 1 => g,
+        _ => {
+            return Err(format!(
+                "line {lineno}: generation must be a whole number >= 1"
+            ))
+        }
+    };
+    let (lineno, secret) = secret.ok_or("missing `private_key`")?;
+    let secret = decode_key(secret)
+        .map(Zeroizing::new)
+        .map_err(|e| format!("line {lineno}: private_key: {e}"))?;
+    Ok((secret, generation))
+}
+
+fn io_err(path: &Path, op: &'static str, source: io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+fn corrupt(path: &Path, problem: impl Into<String>) -> Error {
+    Error::Corrupt {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, KeyStore) {
+        let tmp = tempfile::tempdir().unwrap();
+        let ks = KeyStore::new(tmp.path().join("keys"));
+        (tmp, ks)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn generates_once_then_loads_same_key() {
+        let (_tmp, ks) = store();
+        assert!(ks.load_wireguard().unwrap().is_none());
+        let first = ks.load_or_generate_wireguard().unwrap();
+        assert_eq!(first.generation, 1);
+        let second = ks.load_or_generate_wireguard().unwrap();
+        assert_eq!(second.generation, 1);
+        assert_eq!(*first.key.to_bytes(), *second.key.to_bytes());
+        let text = fs::read_to_string(ks.path(KeyKind::WireGuard)).unwrap();
+        assert!(text.contains("version=1\n"), "{text}");
+        assert!(text.contains("kind=x25519\n"), "{text}");
+        assert!(text.contains("generation=1\n"), "{text}");
+        assert!(text.contains(&format!("private_key={}\n", first.key.to_base64().as_str())));
+    }
+
+    #[test]
+    fn file_and_dir_modes() {
+        let (_tmp, ks) = store();
+        ks.load_or_generate_wireguard().unwrap();
+        assert_eq!(mode(ks.dir()), 0o700);
+        assert_eq!(mode(&ks.path(KeyKind::WireGuard)), 0o600);
+    }
+
+    #[test]
+    fn no_temp_files_left() {
+        let (_tmp, ks) = store();
+        let stored = ks.load_or_generate_wireguard().unwrap();
+        assert_eq!(entries(ks.dir()), vec!["wireguard.key"]);
+        ks.store_wireguard(&StoredKey {
+            key: WireGuardPrivateKey::generate(),
+            generation: stored.generation + 1,
+        })
+        .unwrap();
+        assert_eq!(entries(ks.dir()), vec!["wireguard.key"]);
+        // The create-if-absent path when the file already exists also cleans up.
+        assert!(!ks.write(KeyKind::WireGuard, &[9; 32], 1, false).unwrap());
+        assert_eq!(entries(ks.dir()), vec!["wireguard.key"]);
+        assert_eq!(ks.load_wireguard().unwrap().unwrap().generation, 2);
+    }
+
+    #[test]
+    fn generation_persisted() {
+        let (_tmp, ks) = store();
+        let key = WireGuardPrivateKey::generate();
+        ks.store_wireguard(&StoredKey {
+            key: key.clone(),
+            generation: 7,
+        })
+        .unwrap();
+        let loaded = KeyStore::new(ks.dir())
+            .load_or_generate_wireguard()
+            .unwrap();
+        assert_eq!(loaded.generation, 7);
+        assert_eq!(loaded.key.public_key(), key.public_key());
+        assert_eq!(mode(&ks.path(KeyKind::WireGuard)), 0o600);
+        assert!(matches!(
+            ks.store_wireguard(&StoredKey { key, generation: 0 }),
+            Err(Error::GenerationOverflow { .. })
+        ));
+    }
+
+    #[test]
+    fn loose_permissions_refused() {
+        let (_tmp, ks) = store();
+        ks.load_or_generate_wireguard().unwrap();
+        let path = ks.path(KeyKind::WireGuard);
+        for bad in [0o640, 0o604, 0o644, 0o660] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(bad)).unwrap();
+            let err = ks.load_or_generate_wireguard().unwrap_err();
+            match &err {
+                Error::Permissions { path: p, mode } => {
+                    assert_eq!(p, &path);
+                    assert_eq!(*mode, bad);
+                }
+                other => panic!("expected permissions error, got {other:?}"),
+            }
+            assert!(err.to_string().contains(&path.display().to_string()));
+        }
+        // 0400 (read-only for the owner) is fine.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        ks.load_wireguard().unwrap().unwrap();
+    }
+
+    fn corrupt_case(body: &[u8], expect: &str) {
+        let (_tmp, ks) = store();
+        ks.load_or_generate_wireguard().unwrap();
+        let path = ks.path(KeyKind::WireGuard);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = ks.load_or_generate_wireguard().unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains(expect), "{msg} does not contain {expect}");
+        // A corrupt key is never silently replaced by a new one.
+        assert_eq!(fs::read(&path).unwrap(), body);
+    }
+
+    #[test]
+    fn corrupt_files_refused() {
+        let good = encode_key(&[3; 32]);
+        corrupt_case(b"", "missing `version`");
+        corrupt_case(b"\xff\xfe garbage", "not UTF-8");
+        corrupt_case(
+            b"garbage without equals\n",
+            "line 1: expected `field=value`",
+        );
+        corrupt_case(
+            format!("version=2\nkind=x25519\ngeneration=1\nprivate_key={good}\n").as_bytes(),
+            "unsupported version `2`",
+        );
+        corrupt_case(
+            format!("version=1\nkind=ed25519\ngeneration=1\nprivate_key={good}\n").as_bytes(),
+            "kind `ed25519`",
+        );
+        corrupt_case(
+            format!("version=1\nkind=x25519\ngeneration=0\nprivate_key={good}\n").as_bytes(),
+            "line 3: generation",
+        );
+        corrupt_case(
+            format!("version=1\nkind=x25519\ngeneration=x\nprivate_key={good}\n").as_bytes(),
+            "line 3: generation",
+        );
+        corrupt_case(
+            b"version=1\nkind=x25519\ngeneration=1\n",
+            "missing `private_key`",
+        );
+        // Truncated key (a short write, e.g. from a tool that is not atomic).
+        corrupt_case(
+            format!(
+                "version=1\nkind=x25519\ngeneration=1\nprivate_key={}\n",
+                &good[..20]
+            )
+            .as_bytes(),
+            "line 4: private_key",
+        );
+        let short = encode_key(&[3; 32]).replace('=', "");
+        let short16 = &short[..22];
+        corrupt_case(
+            format!("version=1\nkind=x25519\ngeneration=1\nprivate_key={short16}==\n").as_bytes(),
+            "expected 32",
+        );
+        corrupt_case(
+            format!("version=1\nversion=1\nkind=x25519\ngeneration=1\nprivate_key={good}\n")
+                .as_bytes(),
+            "line 2: field `version` repeated",
+        );
+        corrupt_case(
+            format!("version=1\nkind=x25519\ngeneration=1\nprivate_key={good}\nextra=1\n")
+                .as_bytes(),
+            "unknown field `extra`",
+        );
+        corrupt_case(&[b'#'; 5000], "larger than any key file");
+    }
+
+    #[test]
+    fn corrupt_error_does_not_leak_secret() {
+        let (_tmp, ks) = store();
+        ks.load_or_generate_wireguard().unwrap();
+        let path = ks.path(KeyKind::WireGuard);
+        let text = fs::read_to_string(&path).unwrap();
+        let secret = text
+            .lines()
+            .find_map(|l| l.strip_prefix("private_key="))
+            .unwrap()
+            .to_string();
+        fs::write(&path, text.replace("kind=x25519", "kind=other")).unwrap();
+        let msg = ks.load_wireguard().unwrap_err().to_string();
+        assert!(!msg.contains(&secret), "{msg}");
+    }
+
+    #[test]
+    fn directory_in_place_of_file_is_an_error() {
+        let (_tmp, ks) = store();
+        fs::create_dir_all(ks.path(KeyKind::WireGuard)).unwrap();
+        assert!(ks.load_or_generate_wireguard().is_err());
+    }
+}
