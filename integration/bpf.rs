@@ -988,3 +988,258 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
     let _ = connect.join();
     drop(dp);
 }
+
+fn counter(ns: &Netns, dev: &str, stat: &str) -> u64 {
+    let out = ns.exec_ok(&["cat", &format!("/sys/class/net/{dev}/statistics/{stat}")]);
+    out.trim().parse().expect("counter")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fail closed across agent exit: the node has a plaintext route to the
+/// remote pod CIDR (like a host-gw CNI). Without Veil the pod's packets leave
+/// on it (positive control); after an agent attached `from_pod`, exited and
+/// its TUN vanished, they are dropped, never sent in plaintext.
+#[test]
+fn fail_closed_after_agent_exit_no_plaintext_leak() {
+    require_root();
+    let p = unique_prefix();
+    let node = Netns::new(format!("{p}n"));
+    let pod = Netns::new(format!("{p}q"));
+    let tun = format!("{p}t");
+    let host = format!("{p}h");
+    let (ul0, ul1) = (format!("{p}u0"), format!("{p}u1"));
+    for s in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ] {
+        node.exec_ok(&["sysctl", "-qw", s]);
+    }
+    pod.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    pod.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    node.exec_ok(&["ip", "tuntap", "add", "dev", &tun, "mode", "tun"]);
+    node.exec_ok(&["ip", "link", "set", &tun, "up"]);
+    node.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        &host,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ]);
+    node.exec_ok(&["ip", "link", "set", &host, "up"]);
+    node.exec_ok(&["ip", "route", "add", "10.244.0.10/32", "dev", &host]);
+    pod.exec_ok(&["ip", "addr", "add", "10.244.0.10/32", "dev", "eth0"]);
+    pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    pod.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.0.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    pod.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.244.0.1",
+        "dev",
+        "eth0",
+    ]);
+    // The gateway must be the host veth's own MAC, or the node would see
+    // the frames as PACKET_OTHERHOST and never route them.
+    let host_mac = node.exec_ok(&["cat", &format!("/sys/class/net/{host}/address")]);
+    pod.exec_ok(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.244.0.1",
+        "lladdr",
+        host_mac.trim(),
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    // The "underlay": a veth pair inside the node; whatever the node sends
+    // out of ul0 is counted as received on ul1.
+    node.exec_ok(&[
+        "ip", "link", "add", &ul0, "type", "veth", "peer", "name", &ul1,
+    ]);
+    node.exec_ok(&["ip", "addr", "add", "198.18.0.1/24", "dev", &ul0]);
+    node.exec_ok(&["ip", "link", "set", &ul0, "up"]);
+    node.exec_ok(&["ip", "link", "set", &ul1, "up"]);
+    for (ip, mac) in [
+        ("198.18.0.2", "aa:bb:cc:00:01:02"),
+        ("198.18.0.3", "aa:bb:cc:00:01:03"),
+    ] {
+        node.exec_ok(&[
+            "ip",
+            "neigh",
+            "add",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            &ul0,
+            "nud",
+            "permanent",
+        ]);
+    }
+    // Plaintext route to the remote pod CIDR, as a host-gw CNI would have.
+    node.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.1.0/24",
+        "via",
+        "198.18.0.2",
+        "dev",
+        &ul0,
+    ]);
+
+    let send = |dst: &'static str, n: usize| {
+        pod.run(move || {
+            let s = std::net::UdpSocket::bind("10.244.0.10:0").unwrap();
+            for _ in 0..n {
+                s.send_to(b"veil-canary-plaintext", dst)
+                    .expect("send from pod");
+            }
+        })
+    };
+
+    // Positive control: without Veil the canaries leave in plaintext.
+    let before = counter(&node, &ul1, "rx_packets");
+    send("10.244.1.20:7777", 5);
+    wait_for(
+        "plaintext canaries on the underlay",
+        Duration::from_secs(5),
+        || counter(&node, &ul1, "rx_packets") >= before + 5,
+    );
+
+    // An agent attaches with encryption on, then exits; its TUN goes away.
+    let tun_ifindex = ifindex_in(&node, &tun);
+    let dev = host.clone();
+    node.run(move || {
+        let mut dp = Datapath::load().expect("load");
+        dp.set_config(DatapathConfig {
+            enabled: true,
+            strict: true,
+            tun_ifindex,
+            tun_mtu: TUN_MTU,
+        })
+        .unwrap();
+        let mut remote = BTreeMap::new();
+        remote.insert(
+            "10.244.1.0/24".parse::<IpNet>().unwrap(),
+            RemoteValue {
+                has_peer: true,
+                node_id: 1,
+            },
+        );
+        dp.sync_remote(&remote).unwrap();
+        dp.attach_pod(&dev).expect("attach_pod");
+    });
+    node.exec_ok(&["ip", "link", "del", &tun]);
+
+    let leaked_before = counter(&node, &ul1, "rx_packets");
+    let seen_before = counter(&node, &host, "rx_packets");
+    send("10.244.1.20:7777", 5);
+    // A sentinel to a non-pod address is still routed normally; once it has
+    // crossed the underlay, the canaries sent before it have been handled.
+    send("198.18.0.3:7777", 1);
+    wait_for(
+        "the pod's packets at the host veth",
+        Duration::from_secs(5),
+        || counter(&node, &host, "rx_packets") >= seen_before + 6,
+    );
+    wait_for(
+        "the sentinel on the underlay",
+        Duration::from_secs(5),
+        || counter(&node, &ul1, "rx_packets") > leaked_before,
+    );
+    assert_eq!(
+        counter(&node, &ul1, "rx_packets"),
+        leaked_before + 1,
+        "only the sentinel may cross the underlay: remote-pod canaries leaked in plaintext"
+    );
+
+    // Restarted agents replace the filter while the pod keeps sending: no
+    // packet may slip through between the old filter and the new one.
+    let leaked_before = counter(&node, &ul1, "rx_packets");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let sender = pod.run(move || {
+        std::thread::spawn(move || {
+            let s = std::net::UdpSocket::bind("10.244.0.10:0").unwrap();
+            let mut sent = 0u64;
+            // Bounded: at most 20000 small packets.
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                if s.send_to(b"veil-canary-restart", "10.244.1.20:7777")
+                    .is_ok()
+                {
+                    sent += 1;
+                }
+            }
+            sent
+        })
+    });
+    for _ in 0..3 {
+        let dev = host.clone();
+        node.run(move || {
+            let mut dp = Datapath::load().expect("load");
+            // The TUN is gone: enabled with no TUN also fails closed.
+            dp.set_config(DatapathConfig {
+                enabled: true,
+                strict: true,
+                tun_ifindex: 0,
+                tun_mtu: TUN_MTU,
+            })
+            .unwrap();
+            let mut remote = BTreeMap::new();
+            remote.insert(
+                "10.244.1.0/24".parse::<IpNet>().unwrap(),
+                RemoteValue {
+                    has_peer: true,
+                    node_id: 1,
+                },
+            );
+            dp.sync_remote(&remote).unwrap();
+            dp.attach_pod(&dev).expect("attach_pod over a predecessor");
+        });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().expect("sender thread");
+    assert!(sent > 0, "the pod sent nothing during the restarts");
+    send("198.18.0.3:7777", 1);
+    wait_for(
+        "the sentinel on the underlay",
+        Duration::from_secs(5),
+        || counter(&node, &ul1, "rx_packets") > leaked_before,
+    );
+    assert_eq!(
+        counter(&node, &ul1, "rx_packets"),
+        leaked_before + 1,
+        "plaintext leaked while agents replaced the filter ({sent} packets sent)"
+    );
+    assert_eq!(veil_filters(&node, &host).len(), 1);
+}
