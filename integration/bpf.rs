@@ -210,9 +210,18 @@ struct Run {
 
 /// Runs `prog` once on `pkt` and returns verdict, output packet and mark.
 fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
+    run_gso(prog, pkt, 0)
+}
+
+/// Offset of `gso_size` in `struct __sk_buff` (uapi/linux/bpf.h).
+const SKB_GSO_SIZE_OFF: usize = 176;
+
+/// Like [`run`], with `gso_size` set, as for a GSO super-packet.
+fn run_gso(prog: &SchedClassifier, pkt: &[u8], gso_size: u32) -> Run {
     // struct __sk_buff is 192 bytes on 6.x; a larger zeroed buffer is
     // accepted on input (tail must be zero) and fits the output.
-    let ctx_in = [0u8; 256];
+    let mut ctx_in = [0u8; 256];
+    ctx_in[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&gso_size.to_ne_bytes());
     let mut ctx_out = [0u8; 256];
     let mut out = vec![0u8; pkt.len() + 64];
     let res = prog
@@ -588,6 +597,20 @@ fn garbage_from_pod_never_crashes() {
     }
 }
 
+#[test]
+fn big_tcp_gso_packet_with_zero_total_length() {
+    let dp = setup(true, true);
+    let tcp = tcp_seg(POD_A.into(), REMOTE_PEER.into(), 0x10, &[], &[0u8; 200]);
+    let mut pkt = eth(POD_MAC, 0x0800, &ipv4(POD_A, REMOTE_PEER, 6, &tcp));
+    pkt[16..18].copy_from_slice(&0u16.to_be_bytes());
+    // IPv4 BIG TCP: tot_len 0 on a GSO packet is valid and still encrypted.
+    let prog = dp.classifier(Hook::FromPod).unwrap();
+    assert_eq!(run_gso(prog, &pkt, 1400).ret, TC_ACT_REDIRECT);
+    // The same header on a non-GSO packet is malformed.
+    assert_eq!(run(prog, &pkt).ret, TC_ACT_SHOT);
+    assert_eq!(count(&dp, Reason::DropInvalid).0, 1);
+}
+
 // ---------------------------------------------------------------- to_pod
 
 #[test]
@@ -900,13 +923,24 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
     let (tun_name, host_name) = (tun.clone(), host.clone());
     let (dp, tun_fd) = node.run(move || {
         let mut dp = Datapath::load().expect("load");
-        dp.set_config(DatapathConfig {
+        // attach_tun first, then a config naming no TUN: the datapath uses
+        // the attached one (to_pod needs it to know there is no L2 header).
+        dp.attach_tun(&tun_name).expect("attach_tun");
+        let cfg = DatapathConfig {
             enabled: true,
             strict: true,
-            tun_ifindex,
+            tun_ifindex: 0,
             tun_mtu: TUN_MTU,
-        })
-        .unwrap();
+        };
+        dp.set_config(cfg).unwrap();
+        let wrong = DatapathConfig {
+            tun_ifindex: tun_ifindex + 1000,
+            ..cfg
+        };
+        assert!(
+            dp.set_config(wrong).is_err(),
+            "a config naming another TUN must be refused"
+        );
         let mut eps = BTreeMap::new();
         eps.insert(
             IpAddr::V4(POD_A),
@@ -925,7 +959,6 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
             },
         );
         dp.sync_remote(&remote).unwrap();
-        dp.attach_tun(&tun_name).expect("attach_tun");
         dp.attach_pod(&host_name).expect("attach_pod");
         (dp, open_tun(&tun_name))
     });

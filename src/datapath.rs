@@ -196,6 +196,12 @@ fn key_str(ip: &IpAddr) -> String {
     ip.to_string()
 }
 
+// The agent moves the datapath across tokio tasks.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Datapath>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;

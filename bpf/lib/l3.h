@@ -39,9 +39,15 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct l
 		return DROP_INVALID;
 	hlen = (__u32)ip.ihl * 4;
 	/* RFC 791: total length covers header + data; the skb may carry
-	 * trailing L2 padding, never less than the header says. */
-	if (bpf_ntohs(ip.tot_len) < hlen || skb->len < off + bpf_ntohs(ip.tot_len))
+	 * trailing L2 padding, never less than the header says. A GSO
+	 * super-packet above 64 KiB (BIG TCP, net/ipv4/ip_output.c) carries
+	 * tot_len 0; its real length is skb->len. */
+	if (ip.tot_len == 0 && skb->gso_size != 0) {
+		if (skb->len < off + hlen)
+			return DROP_INVALID;
+	} else if (bpf_ntohs(ip.tot_len) < hlen || skb->len < off + bpf_ntohs(ip.tot_len)) {
 		return DROP_INVALID;
+	}
 
 	addr16_from_v4(&l3->saddr, ip.saddr);
 	addr16_from_v4(&l3->daddr, ip.daddr);
@@ -64,7 +70,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct l
 		return DROP_INVALID;
 	if (ip6.version != 6)
 		return DROP_INVALID;
-	if (skb->len < off + sizeof(ip6) + bpf_ntohs(ip6.payload_len))
+	/* payload_len 0 is a jumbogram (RFC 2675) or an IPv6 BIG TCP GSO
+	 * packet; only the fixed header must then be present (checked above). */
+	if (ip6.payload_len != 0 && skb->len < off + sizeof(ip6) + bpf_ntohs(ip6.payload_len))
 		return DROP_INVALID;
 
 	__builtin_memcpy(l3->saddr.b, &ip6.saddr, 16);

@@ -10,8 +10,8 @@ use aya::Ebpf;
 use ipnet::IpNet;
 
 use super::maps::{
-    identity_mark, prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, RemoteRaw, CFG_ENABLED,
-    CFG_STRICT, IDENTITY_MAX, REMOTE_HAS_PEER,
+    prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, RemoteRaw, CFG_ENABLED, CFG_STRICT,
+    IDENTITY_MAX, REMOTE_HAS_PEER,
 };
 use super::sync::diff;
 use super::{key_str, mss_for_mtu, DatapathConfig, EndpointValue, Error, Reason, RemoteValue};
@@ -63,6 +63,10 @@ pub struct Datapath {
     cur_remote: BTreeMap<IpNet, RemoteValue>,
     cur_ipcache: BTreeMap<IpAddr, u32>,
     tun_link: Option<SchedClassifierLinkId>,
+    /// ifindex of the device `to_pod` is attached to (0: none).
+    tun_attached: u32,
+    /// The last configuration the agent set.
+    cfg: Option<DatapathConfig>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -151,6 +155,8 @@ impl Datapath {
             cur_remote: BTreeMap::new(),
             cur_ipcache: BTreeMap::new(),
             tun_link: None,
+            tun_attached: 0,
+            cfg: None,
         })
     }
 
@@ -176,8 +182,20 @@ impl Datapath {
     /// Attaches `to_pod` at TC ingress of the TUN. Uses TCX: the link lives
     /// as long as this `Datapath`, like the TUN itself. Re-attaching replaces
     /// the previous attachment.
+    ///
+    /// `to_pod` recognises the TUN (no L2 header) by `veil_config.tun_ifindex`,
+    /// so this also records the device's ifindex there; [`Self::set_config`]
+    /// may then pass `tun_ifindex: 0`, and the two calls may come in either order.
     pub fn attach_tun(&mut self, ifname: &str) -> Result<(), Error> {
-        ifindex(ifname)?;
+        let idx = ifindex(ifname)?;
+        if let Some(cfg) = self.cfg {
+            if cfg.tun_ifindex != 0 && cfg.tun_ifindex != idx {
+                return Err(Error::Config(format!(
+                    "`{ifname}` has ifindex {idx} but the config names TUN ifindex {}",
+                    cfg.tun_ifindex
+                )));
+            }
+        }
         let old = self.tun_link.take();
         let prog = self.prog_mut(Hook::ToPod)?;
         if let Some(old) = old {
@@ -193,7 +211,8 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         self.tun_link = Some(id);
-        Ok(())
+        self.tun_attached = idx;
+        self.write_config()
     }
 
     /// Attaches `from_pod` at TC ingress of a pod's host-side veth, adding
@@ -318,21 +337,49 @@ impl Datapath {
         Ok(())
     }
 
-    /// Writes `veil_config`.
+    /// Writes `veil_config`. A `tun_ifindex` of 0 means "the TUN `to_pod`
+    /// is attached to" (see [`Self::attach_tun`]); with encryption enabled and
+    /// no TUN at all, remote-pod traffic is dropped (fail closed).
     pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<(), Error> {
-        let (mss_v4, mss_v6) = mss_for_mtu(cfg.tun_mtu)?;
-        if cfg.enabled && cfg.tun_ifindex == 0 {
-            tracing::warn!(
-                "encryption enabled without a TUN ifindex: remote-pod traffic is dropped"
-            );
+        mss_for_mtu(cfg.tun_mtu)?;
+        if self.tun_attached != 0 && cfg.tun_ifindex != 0 && cfg.tun_ifindex != self.tun_attached {
+            return Err(Error::Config(format!(
+                "tun_ifindex {} is not the TUN to_pod is attached to (ifindex {})",
+                cfg.tun_ifindex, self.tun_attached
+            )));
         }
-        let raw = ConfigRaw {
-            flags: if cfg.enabled { CFG_ENABLED } else { 0 }
-                | if cfg.strict { CFG_STRICT } else { 0 },
-            tun_ifindex: cfg.tun_ifindex,
-            mss_v4,
-            mss_v6,
-            pad: 0,
+        self.cfg = Some(cfg);
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), Error> {
+        let raw = match self.cfg {
+            Some(cfg) => {
+                let (mss_v4, mss_v6) = mss_for_mtu(cfg.tun_mtu)?;
+                let tun_ifindex = if cfg.tun_ifindex != 0 {
+                    cfg.tun_ifindex
+                } else {
+                    self.tun_attached
+                };
+                if cfg.enabled && tun_ifindex == 0 {
+                    tracing::warn!(
+                        "encryption enabled without a TUN: remote-pod traffic is dropped"
+                    );
+                }
+                ConfigRaw {
+                    flags: if cfg.enabled { CFG_ENABLED } else { 0 }
+                        | if cfg.strict { CFG_STRICT } else { 0 },
+                    tun_ifindex,
+                    mss_v4,
+                    mss_v6,
+                    pad: 0,
+                }
+            }
+            // Not configured yet: encryption off, but to_pod knows its TUN.
+            None => ConfigRaw {
+                tun_ifindex: self.tun_attached,
+                ..ConfigRaw::default()
+            },
         };
         self.config.set(0, raw, 0).map_err(|source| Error::Map {
             map: "veil_config",
@@ -445,11 +492,6 @@ impl Datapath {
             out.insert(r, sum);
         }
         Ok(out)
-    }
-
-    /// The mark the programs stamp for `identity` (for rules matching it).
-    pub const fn identity_mark(identity: u32) -> u32 {
-        identity_mark(identity)
     }
 }
 
