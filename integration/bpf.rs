@@ -761,6 +761,46 @@ fn pod_filter_outlives_the_agent_and_is_replaced_without_duplicates() {
     });
     assert_eq!(veil_filters(&ns, &host).len(), 1);
 
+    // A predecessor that died mid-swap leaves both priorities taken. Model
+    // the second one with a classic-BPF cls_bpf filter at the free priority
+    // (same kind, protocol and handle, so the netlink create hits EEXIST).
+    let taken = veil_filters(&ns, &host)[0].0;
+    let other = POD_FILTER_PRIORITIES
+        .into_iter()
+        .find(|p| *p != taken)
+        .unwrap()
+        .to_string();
+    ns.exec_ok(&[
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        &host,
+        "ingress",
+        "protocol",
+        "all",
+        "pref",
+        &other,
+        "handle",
+        "1",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 4294967295,",
+    ]);
+    let dev = host.clone();
+    ns.run(move || {
+        let mut dp = Datapath::load().expect("load");
+        dp.attach_pod(&dev)
+            .expect("attach_pod with both priorities taken");
+    });
+    let f = veil_filters(&ns, &host);
+    assert_eq!(f.len(), 1, "{f:?}");
+    let all = ns.exec_ok(&["tc", "filter", "show", "dev", &host, "ingress"]);
+    assert!(
+        !all.contains("bytecode"),
+        "the stale filter must be gone: {all}"
+    );
+
     // Explicit detach removes it; detaching again or a missing device is fine.
     let dev = host.clone();
     ns.run(move || {
