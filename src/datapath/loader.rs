@@ -224,8 +224,19 @@ impl Datapath {
     /// being redirected into a TUN that no longer exists and is dropped,
     /// never sent in plaintext. A restarted agent replaces its predecessor's
     /// filter without a gap by alternating between [`POD_FILTER_PRIORITIES`].
+    ///
+    /// Order matters on a restart: the new filter replaces the old one at
+    /// once and runs on *this* `Datapath`'s maps, so call [`Self::set_config`]
+    /// and the `sync_*` methods first; attaching with empty maps would let
+    /// remote-pod traffic out in plaintext until they are filled.
     pub fn attach_pod(&mut self, ifname: &str) -> Result<(), Error> {
         ifindex(ifname)?;
+        if self.cfg.is_none() {
+            tracing::warn!(
+                ifname,
+                "attaching from_pod before set_config: encryption is off on this veth until configured"
+            );
+        }
         match tc::qdisc_add_clsact(ifname) {
             Ok(()) => {}
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
