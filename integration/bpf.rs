@@ -638,6 +638,67 @@ fn to_pod_known_destination_is_delivered_with_ethernet_header() {
 }
 
 #[test]
+fn to_pod_ipv6_is_delivered() {
+    let dp = setup(true, true);
+    let src: Ipv6Addr = REMOTE6.parse().unwrap();
+    let dst: Ipv6Addr = POD_A6.parse().unwrap();
+    let udp = udp_seg(src.into(), dst.into(), b"hello v6 pod");
+    let pkt = eth(HOST_MAC, 0x86dd, &ipv6(src, dst, 17, &udp));
+    let r = to_pod(&dp, &pkt);
+    assert_eq!(r.ret, TC_ACT_REDIRECT);
+    assert_eq!(r.mark, identity_mark(ID_WORLD));
+    assert_eq!(&r.out[12..14], &[0x86, 0xdd]);
+    assert_eq!(&r.out[14..], &pkt[14..]);
+}
+
+#[test]
+fn endpoint_resync_keeps_learned_mac_only_for_the_same_veth() {
+    let mut dp = setup(true, true);
+    let udp = udp_seg(REMOTE_PEER.into(), POD_A.into(), b"x");
+    let pkt = eth(HOST_MAC, 0x0800, &ipv4(REMOTE_PEER, POD_A, 17, &udp));
+    from_pod(&dp, &udp4_frame(POD_A, POD_B)); // learn POD_MAC
+    assert_eq!(&to_pod(&dp, &pkt).out[0..6], &POD_MAC);
+
+    let mut eps = BTreeMap::new();
+    eps.insert(
+        IpAddr::V4(POD_A),
+        EndpointValue {
+            identity: 4321,
+            ifindex: 5001,
+        },
+    );
+    dp.sync_endpoints(&eps).unwrap();
+    // New identity, same veth: the learned MAC stays; POD_B is gone.
+    let r = from_pod(&dp, &udp4_frame(POD_A, NOT_A_POD));
+    assert_eq!(r.mark, identity_mark(4321));
+    assert_eq!(&to_pod(&dp, &pkt).out[0..6], &POD_MAC);
+    let r = from_pod(&dp, &udp4_frame(POD_B, NOT_A_POD));
+    assert_eq!(r.mark, identity_mark(ID_UNMANAGED));
+
+    // Same IP on another veth (a new pod): the old MAC is forgotten.
+    eps.insert(
+        IpAddr::V4(POD_A),
+        EndpointValue {
+            identity: 4321,
+            ifindex: 5009,
+        },
+    );
+    dp.sync_endpoints(&eps).unwrap();
+    assert_eq!(&to_pod(&dp, &pkt).out[0..6], &[0xff; 6]);
+
+    // Identities beyond the 24-bit mark are refused, naming the key.
+    eps.insert(
+        IpAddr::V4(POD_A),
+        EndpointValue {
+            identity: 1 << 24,
+            ifindex: 5009,
+        },
+    );
+    let err = dp.sync_endpoints(&eps).unwrap_err().to_string();
+    assert!(err.contains("10.244.0.10"), "{err}");
+}
+
+#[test]
 fn to_pod_unknown_destination_or_source() {
     let dp = setup(true, true);
     // Not a local pod: left to the kernel's routing.
