@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* from_pod: TC ingress of a local pod's host-side veth, i.e. every packet
+ * the pod sends. Stamps the sender's identity into skb->mark and, while
+ * encryption is enabled, steers packets for remote pod CIDRs into the
+ * WireGuard TUN, or drops them (strict) when the peer is not ready. */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/l3.h"
+#include "lib/mss.h"
+
+/* Learns the pod's eth0 MAC from the frame it sent, so that to_pod can
+ * address frames to it. Best effort: racing writers store the same bytes. */
+static __always_inline void learn_mac(struct endpoint_value *ep, const struct ethhdr *eth)
+{
+	if (__builtin_memcmp(ep->mac, eth->h_source, ETH_ALEN) != 0)
+		__builtin_memcpy(ep->mac, eth->h_source, ETH_ALEN);
+}
+
+SEC("classifier")
+int from_pod(struct __sk_buff *skb)
+{
+	struct endpoint_value *ep;
+	struct remote_value *remote;
+	struct config_value *cfg;
+	struct remote_key rkey;
+	struct l3_info l3 = {};
+	struct ethhdr eth;
+	__u16 mss;
+	int ret;
+
+	/* A veth frame always starts with an Ethernet header. */
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		return drop(skb, DROP_INVALID);
+	ret = parse_l3(skb, eth.h_proto, ETH_HLEN, &l3);
+	if (ret < 0)
+		return drop(skb, ret);
+	if (ret == 0)
+		return TC_ACT_OK; /* ARP and other non-IP: not ours to steer */
+
+	ep = bpf_map_lookup_elem(&veil_endpoints, &l3.saddr);
+	if (ep) {
+		learn_mac(ep, &eth);
+		skb->mark = identity_mark(ep->identity);
+	} else {
+		skb->mark = identity_mark(ID_UNMANAGED);
+	}
+
+	cfg = config_get();
+	if (!cfg || !(cfg->flags & CFG_ENABLED))
+		return TC_ACT_OK;
+	/* Same-node traffic stays in plaintext on the host, even if a remote
+	 * CIDR were to overlap a local pod (it must not; be safe anyway). */
+	if (bpf_map_lookup_elem(&veil_endpoints, &l3.daddr))
+		return TC_ACT_OK;
+
+	rkey.prefixlen = 128;
+	__builtin_memcpy(rkey.addr, l3.daddr.b, 16);
+	remote = bpf_map_lookup_elem(&veil_remote, &rkey);
+	if (!remote)
+		return TC_ACT_OK; /* not a pod of another node */
+
+	if (!(remote->flags & REMOTE_HAS_PEER)) {
+		if (cfg->flags & CFG_STRICT)
+			return drop(skb, DROP_NO_PEER);
+		metrics_count(skb, PASS_NO_PEER);
+		return TC_ACT_OK;
+	}
+	/* Fail closed: encryption on and a peer known, but nowhere to send. */
+	if (cfg->tun_ifindex == 0)
+		return drop(skb, DROP_NO_TUN);
+
+	mss = l3.is_v6 ? cfg->mss_v6 : cfg->mss_v4;
+	ret = mss_clamp(skb, &l3, mss);
+	if (ret < 0)
+		return drop(skb, ret);
+
+	metrics_count(skb, FWD_TO_TUN);
+	/* Redirecting to the TUN's egress: the TUN is an L3 device
+	 * (header_ops == NULL), so __bpf_redirect_no_mac strips the Ethernet
+	 * header on the way (net/core/filter.c). */
+	return bpf_redirect(cfg->tun_ifindex, 0);
+}
+
+char _license[] SEC("license") = "GPL";

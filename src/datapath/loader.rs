@@ -1,0 +1,534 @@
+//! Loading the programs, attaching them, and writing the maps.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle};
+use aya::programs::{Link, ProgramError, SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use ipnet::IpNet;
+
+use super::maps::{
+    prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, RemoteRaw, CFG_ENABLED, CFG_STRICT,
+    IDENTITY_MAX, REMOTE_HAS_PEER,
+};
+use super::sync::diff;
+use super::{key_str, mss_for_mtu, DatapathConfig, EndpointValue, Error, Reason, RemoteValue};
+
+/// The linked object built by build.rs (both programs, one set of maps).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
+
+const FROM_POD: &str = "from_pod";
+const TO_POD: &str = "to_pod";
+
+/// The two TC priorities `from_pod` alternates between on a pod veth. A new
+/// agent attaches at the free one, then deletes the other: there is always a
+/// Veil filter in place, and with direct-action the first one that returns
+/// a verdict ends the chain (net/sched/cls_bpf.c), so two at once is harmless.
+/// They are reserved for Veil on pod veths.
+pub const POD_FILTER_PRIORITIES: [u16; 2] = [0x5e00, 0x5e01];
+const POD_FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// Which program, for [`Datapath::classifier`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `from_pod`, pod veth ingress.
+    FromPod,
+    /// `to_pod`, TUN ingress.
+    ToPod,
+}
+
+impl Hook {
+    const fn name(self) -> &'static str {
+        match self {
+            Hook::FromPod => FROM_POD,
+            Hook::ToPod => TO_POD,
+        }
+    }
+}
+
+/// The loaded datapath. Dropping it detaches `to_pod` from the TUN but leaves
+/// every `from_pod` filter in place (fail closed; see [`Datapath::attach_pod`]).
+pub struct Datapath {
+    bpf: Ebpf,
+    endpoints: HashMap<MapData, Addr16, EndpointRaw>,
+    remote: LpmTrie<MapData, Addr16, RemoteRaw>,
+    ipcache: HashMap<MapData, Addr16, u32>,
+    config: Array<MapData, ConfigRaw>,
+    metrics: PerCpuArray<MapData, MetricsRaw>,
+    // What this process wrote; the maps are created fresh by load(), so this
+    // is exactly the kernel's content and diffs need no map walk.
+    cur_endpoints: BTreeMap<IpAddr, EndpointValue>,
+    cur_remote: BTreeMap<IpNet, RemoteValue>,
+    cur_ipcache: BTreeMap<IpAddr, u32>,
+    tun_link: Option<SchedClassifierLinkId>,
+    /// ifindex of the device `to_pod` is attached to (0: none).
+    tun_attached: u32,
+    /// The last configuration the agent set.
+    cfg: Option<DatapathConfig>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("endpoints", &self.cur_endpoints.len())
+            .field("remote", &self.cur_remote.len())
+            .field("ipcache", &self.cur_ipcache.len())
+            .field("tun_attached", &self.tun_link.is_some())
+            .finish()
+    }
+}
+
+fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = bpf.take_map(name).ok_or(Error::MissingMap {
+        name,
+        source: Box::new(MapError::InvalidName { name: name.into() }),
+    })?;
+    T::try_from(map).map_err(|source| Error::MissingMap {
+        name,
+        source: Box::new(source),
+    })
+}
+
+fn netlink_errno(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::TcError(tc::TcError::NetlinkError(n)) | ProgramError::NetlinkError(n) => {
+            n.raw_os_error()
+        }
+        ProgramError::TcError(tc::TcError::IoError(io)) | ProgramError::IOError(io) => {
+            io.raw_os_error()
+        }
+        _ => None,
+    }
+}
+
+fn ifindex(ifname: &str) -> Result<u32, Error> {
+    let c = std::ffi::CString::new(ifname).map_err(|e| Error::Interface {
+        ifname: ifname.into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: if_nametoindex reads a valid NUL-terminated string and has no
+    // other preconditions.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(Error::Interface {
+            ifname: ifname.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(idx)
+}
+
+impl Datapath {
+    /// Loads both programs and creates the maps; nothing is attached yet.
+    /// Encryption starts disabled (an all-zero `veil_config`).
+    pub fn load() -> Result<Self, Error> {
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        for name in [FROM_POD, TO_POD] {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram { name })?
+                .try_into()
+                .map_err(|_| Error::MissingProgram { name })?;
+            prog.load().map_err(|source| Error::Verify {
+                name,
+                source: Box::new(source),
+            })?;
+        }
+        let endpoints = take_map(&mut bpf, "veil_endpoints")?;
+        let remote = take_map(&mut bpf, "veil_remote")?;
+        let ipcache = take_map(&mut bpf, "veil_ipcache")?;
+        let config = take_map(&mut bpf, "veil_config")?;
+        let metrics = take_map(&mut bpf, "veil_metrics")?;
+        Ok(Self {
+            bpf,
+            endpoints,
+            remote,
+            ipcache,
+            config,
+            metrics,
+            cur_endpoints: BTreeMap::new(),
+            cur_remote: BTreeMap::new(),
+            cur_ipcache: BTreeMap::new(),
+            tun_link: None,
+            tun_attached: 0,
+            cfg: None,
+        })
+    }
+
+    fn prog_mut(&mut self, hook: Hook) -> Result<&mut SchedClassifier, Error> {
+        let name = hook.name();
+        self.bpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram { name })?
+            .try_into()
+            .map_err(|_| Error::MissingProgram { name })
+    }
+
+    /// A loaded program, e.g. to run it with `aya::programs::TestRun`.
+    pub fn classifier(&self, hook: Hook) -> Result<&SchedClassifier, Error> {
+        let name = hook.name();
+        self.bpf
+            .program(name)
+            .ok_or(Error::MissingProgram { name })?
+            .try_into()
+            .map_err(|_| Error::MissingProgram { name })
+    }
+
+    /// Attaches `to_pod` at TC ingress of the TUN. Uses TCX: the link lives
+    /// as long as this `Datapath`, like the TUN itself. Re-attaching replaces
+    /// the previous attachment.
+    ///
+    /// `to_pod` recognises the TUN (no L2 header) by `veil_config.tun_ifindex`,
+    /// so this also records the device's ifindex there; [`Self::set_config`]
+    /// may then pass `tun_ifindex: 0`, and the two calls may come in either order.
+    pub fn attach_tun(&mut self, ifname: &str) -> Result<(), Error> {
+        let idx = ifindex(ifname)?;
+        if let Some(cfg) = self.cfg {
+            if cfg.tun_ifindex != 0 && cfg.tun_ifindex != idx {
+                return Err(Error::Config(format!(
+                    "`{ifname}` has ifindex {idx} but the config names TUN ifindex {}",
+                    cfg.tun_ifindex
+                )));
+            }
+        }
+        let old = self.tun_link.take();
+        let prog = self.prog_mut(Hook::ToPod)?;
+        if let Some(old) = old {
+            // Best effort: the old TUN may be gone, taking the link with it.
+            let _ = prog.detach(old);
+        }
+        let id = prog
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(|source| Error::Attach {
+                action: "attaching",
+                prog: TO_POD,
+                ifname: ifname.into(),
+                source: Box::new(source),
+            })?;
+        self.tun_link = Some(id);
+        self.tun_attached = idx;
+        self.write_config()
+    }
+
+    /// Attaches `from_pod` at TC ingress of a pod's host-side veth, adding
+    /// the clsact qdisc if missing.
+    ///
+    /// Fail closed across agent exit: the filter is a netlink (cls_bpf)
+    /// filter, which holds its own reference on the program and maps, and is
+    /// never detached on drop. If the agent dies, remote-pod traffic keeps
+    /// being redirected into a TUN that no longer exists and is dropped,
+    /// never sent in plaintext. A restarted agent replaces its predecessor's
+    /// filter without a gap by alternating between [`POD_FILTER_PRIORITIES`].
+    ///
+    /// Order matters on a restart: the new filter replaces the old one at
+    /// once and runs on *this* `Datapath`'s maps, so call [`Self::set_config`]
+    /// and the `sync_*` methods first; attaching with empty maps would let
+    /// remote-pod traffic out in plaintext until they are filled.
+    pub fn attach_pod(&mut self, ifname: &str) -> Result<(), Error> {
+        ifindex(ifname)?;
+        if self.cfg.is_none() {
+            tracing::warn!(
+                ifname,
+                "attaching from_pod before set_config: encryption is off on this veth until configured"
+            );
+        }
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(Error::Qdisc {
+                    ifname: ifname.into(),
+                    source: Box::new(source),
+                })
+            }
+        }
+        let [a, b] = POD_FILTER_PRIORITIES;
+        let stale = match self.attach_pod_at(ifname, a)? {
+            true => b,
+            false => match self.attach_pod_at(ifname, b)? {
+                true => a,
+                false => {
+                    // Both taken: a predecessor died mid-swap. Replace b
+                    // while a keeps steering, then drop a.
+                    self.detach_pod_at(ifname, b)?;
+                    if !self.attach_pod_at(ifname, b)? {
+                        return Err(Error::Attach {
+                            action: "attaching",
+                            prog: FROM_POD,
+                            ifname: ifname.into(),
+                            source: Box::new(ProgramError::IOError(
+                                std::io::Error::from_raw_os_error(libc::EEXIST),
+                            )),
+                        });
+                    }
+                    a
+                }
+            },
+        };
+        self.detach_pod_at(ifname, stale)?;
+        Ok(())
+    }
+
+    /// Attaches `from_pod` at `priority`; `Ok(false)` if that slot is taken.
+    fn attach_pod_at(&mut self, ifname: &str, priority: u16) -> Result<bool, Error> {
+        let prog = self.prog_mut(Hook::FromPod)?;
+        let opts = TcAttachOptions::Netlink(NlOptions {
+            priority,
+            handle: POD_FILTER_HANDLE,
+            classid: None,
+        });
+        match prog.attach_with_options(ifname, TcAttachType::Ingress, opts) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(|source| Error::Attach {
+                    action: "taking the link of",
+                    prog: FROM_POD,
+                    ifname: ifname.into(),
+                    source: Box::new(source),
+                })?;
+                // Dropping the link would delete the filter; forgetting it
+                // leaks nothing (a netlink link is only ifindex + prio +
+                // handle, no fd) and keeps the filter past this process.
+                std::mem::forget(link);
+                Ok(true)
+            }
+            Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(source) => Err(Error::Attach {
+                action: "attaching",
+                prog: FROM_POD,
+                ifname: ifname.into(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Deletes the filter at `priority`, if any.
+    fn detach_pod_at(&mut self, ifname: &str, priority: u16) -> Result<(), Error> {
+        let link = match tc::SchedClassifierLink::attached(
+            ifname,
+            TcAttachType::Ingress,
+            priority,
+            POD_FILTER_HANDLE,
+            None,
+        ) {
+            Ok(link) => link,
+            // The veth is gone (the pod was deleted): so is the filter.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+            Err(source) => {
+                return Err(Error::Interface {
+                    ifname: ifname.into(),
+                    source,
+                })
+            }
+        };
+        match link.detach() {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(netlink_errno(&e), Some(libc::ENOENT) | Some(libc::ENODEV)) => {
+                Ok(())
+            }
+            Err(source) => Err(Error::Attach {
+                action: "detaching",
+                prog: FROM_POD,
+                ifname: ifname.into(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Removes `from_pod` from a pod veth (both priorities). A missing
+    /// interface or filter is not an error.
+    pub fn detach_pod(&mut self, ifname: &str) -> Result<(), Error> {
+        for prio in POD_FILTER_PRIORITIES {
+            self.detach_pod_at(ifname, prio)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `veil_config`. A `tun_ifindex` of 0 means "the TUN `to_pod`
+    /// is attached to" (see [`Self::attach_tun`]); with encryption enabled and
+    /// no TUN at all, remote-pod traffic is dropped (fail closed).
+    pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<(), Error> {
+        mss_for_mtu(cfg.tun_mtu)?;
+        if self.tun_attached != 0 && cfg.tun_ifindex != 0 && cfg.tun_ifindex != self.tun_attached {
+            return Err(Error::Config(format!(
+                "tun_ifindex {} is not the TUN to_pod is attached to (ifindex {})",
+                cfg.tun_ifindex, self.tun_attached
+            )));
+        }
+        self.cfg = Some(cfg);
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), Error> {
+        let raw = match self.cfg {
+            Some(cfg) => {
+                let (mss_v4, mss_v6) = mss_for_mtu(cfg.tun_mtu)?;
+                let tun_ifindex = if cfg.tun_ifindex != 0 {
+                    cfg.tun_ifindex
+                } else {
+                    self.tun_attached
+                };
+                if cfg.enabled && tun_ifindex == 0 {
+                    tracing::warn!(
+                        "encryption enabled without a TUN: remote-pod traffic is dropped"
+                    );
+                }
+                ConfigRaw {
+                    flags: if cfg.enabled { CFG_ENABLED } else { 0 }
+                        | if cfg.strict { CFG_STRICT } else { 0 },
+                    tun_ifindex,
+                    mss_v4,
+                    mss_v6,
+                    pad: 0,
+                }
+            }
+            // Not configured yet: encryption off, but to_pod knows its TUN.
+            None => ConfigRaw {
+                tun_ifindex: self.tun_attached,
+                ..ConfigRaw::default()
+            },
+        };
+        self.config.set(0, raw, 0).map_err(|source| Error::Map {
+            map: "veil_config",
+            key: "0".into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Makes `veil_endpoints` equal to `want`, writing only what changed.
+    /// The pod MAC learned by `from_pod` is kept while the ifindex is the same.
+    pub fn sync_endpoints(&mut self, want: &BTreeMap<IpAddr, EndpointValue>) -> Result<(), Error> {
+        for (ip, v) in want {
+            check_identity(&key_str(ip), v.identity)?;
+        }
+        let d = diff(&self.cur_endpoints, want);
+        for (ip, v) in d.upsert {
+            let key = Addr16::from(ip);
+            let mac = match self.endpoints.get(&key, 0) {
+                Ok(old) if old.ifindex == v.ifindex => old.mac,
+                _ => [0; 6],
+            };
+            let raw = EndpointRaw {
+                identity: v.identity,
+                ifindex: v.ifindex,
+                mac,
+                flags: 0,
+                pad: 0,
+            };
+            self.endpoints
+                .insert(key, raw, 0)
+                .map_err(|source| map_err("veil_endpoints", &ip, source))?;
+            self.cur_endpoints.insert(ip, v);
+        }
+        for ip in d.remove {
+            remove_ok(self.endpoints.remove(&Addr16::from(ip)))
+                .map_err(|source| map_err("veil_endpoints", &ip, source))?;
+            self.cur_endpoints.remove(&ip);
+        }
+        Ok(())
+    }
+
+    /// Makes `veil_remote` equal to `want` (prefixes are normalised: host
+    /// bits cleared), writing only what changed.
+    pub fn sync_remote(&mut self, want: &BTreeMap<IpNet, RemoteValue>) -> Result<(), Error> {
+        let want: BTreeMap<IpNet, RemoteValue> =
+            want.iter().map(|(n, v)| (n.trunc(), *v)).collect();
+        let d = diff(&self.cur_remote, &want);
+        for (net, v) in d.upsert {
+            let raw = RemoteRaw {
+                flags: if v.has_peer { REMOTE_HAS_PEER } else { 0 },
+                node_id: v.node_id,
+            };
+            self.remote
+                .insert(&prefix_key(net).into(), raw, 0)
+                .map_err(|source| Error::Map {
+                    map: "veil_remote",
+                    key: net.to_string(),
+                    source: Box::new(source),
+                })?;
+            self.cur_remote.insert(net, v);
+        }
+        for net in d.remove {
+            remove_ok(self.remote.remove(&prefix_key(net).into())).map_err(|source| {
+                Error::Map {
+                    map: "veil_remote",
+                    key: net.to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+            self.cur_remote.remove(&net);
+        }
+        Ok(())
+    }
+
+    /// Makes `veil_ipcache` (remote pod IP -> identity) equal to `want`.
+    pub fn sync_ipcache(&mut self, want: &BTreeMap<IpAddr, u32>) -> Result<(), Error> {
+        for (ip, id) in want {
+            check_identity(&key_str(ip), *id)?;
+        }
+        let d = diff(&self.cur_ipcache, want);
+        for (ip, id) in d.upsert {
+            self.ipcache
+                .insert(Addr16::from(ip), id, 0)
+                .map_err(|source| map_err("veil_ipcache", &ip, source))?;
+            self.cur_ipcache.insert(ip, id);
+        }
+        for ip in d.remove {
+            remove_ok(self.ipcache.remove(&Addr16::from(ip)))
+                .map_err(|source| map_err("veil_ipcache", &ip, source))?;
+            self.cur_ipcache.remove(&ip);
+        }
+        Ok(())
+    }
+
+    /// Packets and bytes per reason, summed over CPUs.
+    pub fn metrics(&self) -> Result<BTreeMap<Reason, (u64, u64)>, Error> {
+        let mut out = BTreeMap::new();
+        for r in Reason::ALL {
+            let per_cpu = self
+                .metrics
+                .get(&r.slot(), 0)
+                .map_err(|source| Error::Map {
+                    map: "veil_metrics",
+                    key: r.to_string(),
+                    source: Box::new(source),
+                })?;
+            let sum = per_cpu.iter().fold((0u64, 0u64), |(p, b), v| {
+                (p.wrapping_add(v.packets), b.wrapping_add(v.bytes))
+            });
+            out.insert(r, sum);
+        }
+        Ok(out)
+    }
+}
+
+fn check_identity(key: &str, identity: u32) -> Result<(), Error> {
+    if identity > IDENTITY_MAX {
+        return Err(Error::IdentityTooLarge {
+            key: key.into(),
+            identity,
+        });
+    }
+    Ok(())
+}
+
+fn map_err(map: &'static str, ip: &IpAddr, source: MapError) -> Error {
+    Error::Map {
+        map,
+        key: key_str(ip),
+        source: Box::new(source),
+    }
+}
+
+/// Deleting an absent key is success: the goal state is reached.
+fn remove_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
