@@ -357,11 +357,26 @@ fn fail_closed_agent_stop_and_restart() {
 
     let t0 = Instant::now();
     f.agent(2).restart();
+    let n2 = f.topo.node(2).name.clone();
+    let restarted = f
+        .agents
+        .iter()
+        .position(|a| a.node == n2)
+        .expect("agent on node 2");
     let (p1, p2) = (f.topo.pod(1, 0), f.topo.pod(2, 0));
     let resumed = poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        let a = &mut f.agents[restarted];
+        assert!(
+            a.is_running(),
+            "restarted agent {} exited:\n{}",
+            a.node,
+            a.log()
+        );
+        // Both directions every round: whichever side sends first may have to
+        // trigger the new handshake.
+        let back = udp(p2, p1.ip, 1, &canary, Duration::from_millis(250)).ok;
         let there = udp(p1, p2.ip, 1, &canary, Duration::from_millis(250)).ok;
-        let back = there && udp(p2, p1.ip, 1, &canary, Duration::from_millis(250)).ok;
-        back.then(|| t0.elapsed())
+        (back && there).then(|| t0.elapsed())
     });
     eprintln!("traffic resumed {resumed:?} after the restart began");
     let resumed = resumed.unwrap_or_else(|| panic!("traffic did not resume within 20 s"));

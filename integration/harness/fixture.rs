@@ -1,6 +1,7 @@
 //! One test's whole world: topology, cluster directory, echo servers and agents.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::agent::Agent;
@@ -17,12 +18,25 @@ pub struct Fixture {
     pub dir: ClusterDir,
     pub topo: Topology,
     pub work: tempfile::TempDir,
+    /// Held until everything above is torn down: see [`serial`].
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// End-to-end clusters in one test binary run one at a time, whatever
+/// `--test-threads` says: on a small machine two clusters' agents compete for CPU and
+/// turn timing assertions (resume within 5 s) into noise.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // A failed test poisons the lock; the next test still gets a clean world because
+    // the failed one's fixture was fully dropped before the guard was released.
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Fixture {
     /// Builds the topology, writes the cluster directory and starts echo servers in
     /// every pod. No agents yet.
     pub fn new(nodes: u8, pods_per_node: u8, enabled: bool, strict: bool) -> Self {
+        let serial = serial();
         let topo = Topology::build(nodes, pods_per_node);
         let dir = ClusterDir::for_topology(&topo, enabled, strict);
         let work = tempfile::Builder::new()
@@ -37,6 +51,7 @@ impl Fixture {
             dir,
             topo,
             work,
+            _serial: serial,
         }
     }
 
