@@ -453,12 +453,13 @@ fn bad_input_keeps_last_good_state() {
         .collect();
     let bg = background_ping(a, b.ip, 30, f.work());
 
-    // (file, object the log must name with it)
+    // (file, object the log must name with it, as `Kind/name` or
+    // `Kind/namespace/name` like cluster::Diagnostic). A malformed file has no object.
     let problems: Vec<(&str, Option<&str>)> = vec![
         ("bad-malformed.yaml", None),
-        ("bad-thief.yaml", Some("thief")),
-        ("bad-orphan.yaml", Some("orphan")),
-        ("node9.yaml", Some("node9")),
+        ("bad-thief.yaml", Some("Node/thief")),
+        ("bad-orphan.yaml", Some("Pod/default/orphan")),
+        ("node9.yaml", Some("VeilNode/node9")),
     ];
     f.dir.write_raw(
         "bad-malformed.yaml",
@@ -599,7 +600,12 @@ fn converges_on_changes() {
             .wait_peers(1, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    assert_dropped_to_node3(&f, "Node removed", &canary);
+    // Nothing observable says the agents have applied this removal, so keep trying
+    // for a few seconds: every attempt after they apply it must be dropped too.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_dropped_to_node3(&f, "Node removed", &canary);
+    }
     // The remaining nodes still talk.
     let (p1, p2, new) = (f.topo.pod(1, 0), f.topo.pod(2, 0), f.topo.pod(2, 1));
     for (from, to) in [(p1, p2), (p2, p1), (p1, new), (new, p1)] {

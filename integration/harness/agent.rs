@@ -186,6 +186,8 @@ impl Drop for Agent {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+        // A killed agent cannot unlink its UAPI socket; the path is unique to this test.
+        let _ = std::fs::remove_file(self.uapi_socket());
         if std::thread::panicking() {
             eprintln!(
                 "----- log of veil-agent {} ({}) -----\n{}\n----- end of log -----",

@@ -75,7 +75,18 @@ impl Capture {
             }
             files.push((port.clone(), file.clone()));
         }
-        let r = analyze_files(&files, wg_port, canary);
+        let mut r = analyze_files(&files, wg_port, canary);
+        if !r.is_clean() {
+            // What a human would look at first: tcpdump's own decoding.
+            for (port, file) in &files {
+                let text = tcpdump_text(file);
+                let head: Vec<&str> = text.lines().take(TEXT_LINES).collect();
+                r.tcpdump_head
+                    .push_str(&format!("--- tcpdump -nn -r {port}.pcap (first lines)\n"));
+                r.tcpdump_head.push_str(&head.join("\n"));
+                r.tcpdump_head.push('\n');
+            }
+        }
         drop(self.dir);
         r
     }
@@ -101,9 +112,12 @@ pub struct Report {
     /// Frames containing the canary anywhere.
     pub canary_frames: usize,
     pub canary_examples: Vec<String>,
+    /// The start of `tcpdump -nn -r` of each port's file, filled when not clean.
+    pub tcpdump_head: String,
 }
 
 const EXAMPLES: usize = 10;
+const TEXT_LINES: usize = 20;
 
 impl Report {
     /// True when nothing but WireGuard (and ARP, and ICMP errors about WireGuard
@@ -147,7 +161,7 @@ impl fmt::Display for Report {
         for o in &self.canary_examples {
             writeln!(f, "  canary: {o}")?;
         }
-        Ok(())
+        f.write_str(&self.tcpdump_head)
     }
 }
 

@@ -119,6 +119,8 @@ impl WireguardGo {
 impl Drop for WireguardGo {
     fn drop(&mut self) {
         self.proc.kill();
+        // SIGKILL leaves the UAPI socket behind; the name is unique to this test.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
         if std::thread::panicking() {
             eprintln!(
                 "----- log of wireguard-go {} -----\n{}\n----- end of log -----",
