@@ -367,36 +367,50 @@ fn udp_client(
     let start = Instant::now();
     let mut missing: BTreeSet<u32> = (0..count).collect();
     let mut buf = vec![0u8; MAX_UDP];
-    let mut send_errors = 0u32;
-    for _round in 0..=retries {
-        for &seq in &missing {
-            // ICMP errors (unreachable, frag-needed) surface as send/recv errors on a
-            // connected socket; they are counted, and the datagram stays missing.
-            if sock.send(&udp_datagram(canary, seq, size)).is_err() {
-                send_errors += 1;
+    let mut errors = 0u32;
+    // Takes one echo off the socket; false when none was waiting.
+    let mut take = |missing: &mut BTreeSet<u32>, errors: &mut u32| -> bool {
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let d = &buf[..n];
+                if n >= min && d.starts_with(canary) {
+                    let mut s = [0u8; SEQ_LEN];
+                    s.copy_from_slice(&d[canary.len()..min]);
+                    let seq = u32::from_be_bytes(s);
+                    if missing.contains(&seq) && d == udp_datagram(canary, seq, size) {
+                        missing.remove(&seq);
+                    }
+                }
+                true
             }
+            Err(e) if is_timeout(&e) => false,
+            // ICMP errors (unreachable, frag-needed) surface as errors on a connected
+            // socket; they are counted and the datagram stays missing.
+            Err(_) => {
+                *errors += 1;
+                true
+            }
+        }
+    };
+    for _round in 0..=retries {
+        // Echoes are drained while sending: left queued, a burst of large echoes
+        // would overflow the socket's receive buffer and look like loss on the path.
+        sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let round: Vec<u32> = missing.iter().copied().collect();
+        for seq in round {
+            if sock.send(&udp_datagram(canary, seq, size)).is_err() {
+                errors += 1;
+            }
+            while take(&mut missing, &mut errors) {}
             // Pace a little so a burst does not overflow a queue on the path.
             if count > 16 {
                 thread::sleep(Duration::from_micros(200));
             }
         }
+        sock.set_nonblocking(false).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + timeout;
         while !missing.is_empty() && Instant::now() < deadline {
-            match sock.recv(&mut buf) {
-                Ok(n) => {
-                    let d = &buf[..n];
-                    if n >= min && d.starts_with(canary) {
-                        let mut s = [0u8; SEQ_LEN];
-                        s.copy_from_slice(&d[canary.len()..min]);
-                        let seq = u32::from_be_bytes(s);
-                        if missing.contains(&seq) && d == udp_datagram(canary, seq, size) {
-                            missing.remove(&seq);
-                        }
-                    }
-                }
-                Err(e) if is_timeout(&e) => {}
-                Err(_) => send_errors += 1,
-            }
+            take(&mut missing, &mut errors);
         }
         if missing.is_empty() {
             break;
@@ -404,7 +418,7 @@ fn udp_client(
     }
     let received = count - missing.len() as u32;
     println!(
-        "udp received={received} sent={count} size={size} errors={send_errors} secs={:.3}",
+        "udp received={received} sent={count} size={size} errors={errors} secs={:.3}",
         start.elapsed().as_secs_f64()
     );
     if missing.is_empty() {
