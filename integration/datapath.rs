@@ -80,7 +80,7 @@ fn finish_ping(mut bg: Bg) -> traffic::PingResult {
 fn positive_control_plaintext_is_caught() {
     require_root();
     // No agents and encryption off: the host-gw routes carry pod traffic in the clear.
-    let f = Fixture::new(2, 1, false, false);
+    let f = Fixture::new(2, 2, false, false);
     let canary = canary("control");
     let (a, b) = (f.topo.pod(1, 0), f.topo.pod(2, 0));
     let cap = f.capture();
@@ -91,6 +91,17 @@ fn positive_control_plaintext_is_caught() {
     assert!(t.ok, "tcp over host-gw failed: {}", t.output);
     let u = udp(b, a.ip, 20, &canary, Duration::from_secs(2));
     assert!(u.ok, "udp over host-gw failed: {}", u.output);
+
+    // The topology itself connects every pod to every other (same node and across
+    // nodes), so a failure in the tests below is Veil's, not the harness's.
+    let pods: Vec<&Pod> = f.topo.pods.iter().collect();
+    let spec = MatrixSpec {
+        canary: &canary,
+        pings: 1,
+        tcp_bytes: 16 * 1024,
+        udp_count: 5,
+    };
+    matrix(&pods, spec).assert_ok("pod matrix over host-gw");
 
     let r = f.finish(cap, &canary);
     // The capture must be able to fail: here it sees everything the tests below
