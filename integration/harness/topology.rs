@@ -72,7 +72,19 @@ impl Topology {
         let prefix = unique_prefix();
         let underlay = Netns::new(format!("{prefix}u"));
         disable_ipv6(&underlay);
-        underlay.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        // Without multicast snooping the bridge joins no group (with it, it joins
+        // 224.0.0.106, RFC 4286) and so sends no IGMP reports onto the ports: the
+        // underlay carries only what the nodes send.
+        underlay.exec_ok(&[
+            "ip",
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
         underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
         let mut topo = Topology {
             prefix,
