@@ -56,7 +56,7 @@ int from_pod(struct __sk_buff *skb)
 	rkey.prefixlen = 128;
 	__builtin_memcpy(rkey.addr, l3.daddr.b, 16);
 	remote = bpf_map_lookup_elem(&veil_remote, &rkey);
-	if (!remote)
+	if (!remote || (remote->flags & REMOTE_LOCAL))
 		return TC_ACT_OK; /* not a pod of another node */
 
 	if (!(remote->flags & REMOTE_HAS_PEER)) {

@@ -293,6 +293,7 @@ fn setup(enabled: bool, strict: bool) -> Datapath {
         "10.244.1.0/24".parse::<IpNet>().unwrap(),
         RemoteValue {
             has_peer: true,
+            local: false,
             node_id: 1,
         },
     );
@@ -300,6 +301,7 @@ fn setup(enabled: bool, strict: bool) -> Datapath {
         "10.244.2.0/24".parse::<IpNet>().unwrap(),
         RemoteValue {
             has_peer: false,
+            local: false,
             node_id: 2,
         },
     );
@@ -307,6 +309,7 @@ fn setup(enabled: bool, strict: bool) -> Datapath {
         REMOTE6_NET.parse::<IpNet>().unwrap(),
         RemoteValue {
             has_peer: true,
+            local: false,
             node_id: 1,
         },
     );
@@ -358,6 +361,37 @@ fn remote_without_peer_non_strict_passes_and_is_counted() {
 }
 
 #[test]
+fn cluster_range_drops_unserved_addresses_but_not_local_ones() {
+    let mut dp = setup(true, true);
+    // The agent's layout: the cluster range as a peerless entry, this node's
+    // own CIDR carved out as local, node CIDRs as usual.
+    let mut remote = BTreeMap::new();
+    for (net, has_peer, local) in [
+        ("10.244.0.0/16", false, false),
+        ("10.244.1.0/24", true, false),
+        ("10.244.2.0/24", false, false),
+        ("10.244.9.0/24", false, true),
+    ] {
+        let value = RemoteValue {
+            has_peer,
+            local,
+            node_id: 0,
+        };
+        remote.insert(net.parse::<IpNet>().unwrap(), value);
+    }
+    dp.sync_remote(&remote).expect("remote");
+    // An address in the cluster range that no node serves: dropped.
+    let r = from_pod(&dp, &udp4_frame(POD_A, Ipv4Addr::new(10, 244, 77, 1)));
+    assert_eq!(r.ret, TC_ACT_SHOT);
+    // A local pod CIDR (not in the endpoint map yet): passed, never dropped.
+    let r = from_pod(&dp, &udp4_frame(POD_A, Ipv4Addr::new(10, 244, 9, 20)));
+    assert_eq!(r.ret, TC_ACT_OK);
+    // A node CIDR with a peer still wins over the covering range.
+    let r = from_pod(&dp, &udp4_frame(POD_A, REMOTE_PEER));
+    assert_eq!(r.ret, TC_ACT_REDIRECT);
+}
+
+#[test]
 fn encryption_disabled_passes_but_still_marks() {
     let dp = setup(false, true);
     for dst in [REMOTE_PEER, REMOTE_NO_PEER] {
@@ -403,6 +437,7 @@ fn peer_state_follows_sync_remote() {
         "10.244.2.77/24".parse::<IpNet>().unwrap(),
         RemoteValue {
             has_peer: true,
+            local: false,
             node_id: 2,
         },
     );
@@ -1056,6 +1091,7 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
             "10.244.1.0/24".parse::<IpNet>().unwrap(),
             RemoteValue {
                 has_peer: true,
+                local: false,
                 node_id: 1,
             },
         );
@@ -1287,6 +1323,7 @@ fn fail_closed_after_agent_exit_no_plaintext_leak() {
             "10.244.1.0/24".parse::<IpNet>().unwrap(),
             RemoteValue {
                 has_peer: true,
+                local: false,
                 node_id: 1,
             },
         );
@@ -1354,6 +1391,7 @@ fn fail_closed_after_agent_exit_no_plaintext_leak() {
                 "10.244.1.0/24".parse::<IpNet>().unwrap(),
                 RemoteValue {
                     has_peer: true,
+                    local: false,
                     node_id: 1,
                 },
             );

@@ -247,31 +247,10 @@ impl Node {
             tun_ifindex: self.engine.tun_ifindex(),
             tun_mtu: self.cfg.mtu,
         })?;
-        let nodes: BTreeMap<&str, u32> = desired
-            .remote_cidrs
-            .values()
-            .map(|r| r.node.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .zip(1..)
-            .collect();
-        let remote: BTreeMap<IpNet, RemoteValue> = desired
-            .remote_cidrs
-            .iter()
-            .map(|(cidr, r)| {
-                let value = RemoteValue {
-                    has_peer: r.peer.is_some(),
-                    node_id: nodes.get(r.node.as_str()).copied().unwrap_or(0),
-                };
-                (*cidr, value)
-            })
-            .collect();
+        let remote = remote_entries(desired);
         self.datapath.sync_remote(&remote)?;
-        let ipcache: BTreeMap<IpAddr, u32> = desired
-            .ipcache
-            .iter()
-            .map(|(ip, id)| (*ip, id.0))
-            .collect();
+        let ipcache: BTreeMap<IpAddr, u32> =
+            desired.ipcache.iter().map(|(ip, id)| (*ip, id.0)).collect();
         self.datapath.sync_ipcache(&ipcache)?;
 
         let routes = self.netlink.host_routes().await?;
@@ -328,6 +307,52 @@ impl Node {
     }
 }
 
+/// The `veil_remote` LPM entries for a desired state: every remote pod CIDR
+/// (with or without a peer), this node's own pod CIDRs marked local, and the
+/// cluster-wide pod ranges as peerless entries, so that in strict mode an
+/// address in them that no node serves is dropped rather than routed in
+/// plaintext. Longest prefix wins, so node CIDRs carve themselves out of the
+/// cluster range.
+pub fn remote_entries(desired: &Desired) -> BTreeMap<IpNet, RemoteValue> {
+    let nodes: BTreeMap<&str, u32> = desired
+        .remote_cidrs
+        .values()
+        .map(|r| r.node.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .zip(1..)
+        .collect();
+    let mut out: BTreeMap<IpNet, RemoteValue> = desired
+        .cluster_pod_cidrs
+        .iter()
+        .map(|c| {
+            let value = RemoteValue {
+                has_peer: false,
+                local: false,
+                node_id: 0,
+            };
+            (c.trunc(), value)
+        })
+        .collect();
+    for (cidr, r) in &desired.remote_cidrs {
+        let value = RemoteValue {
+            has_peer: r.peer.is_some(),
+            local: false,
+            node_id: nodes.get(r.node.as_str()).copied().unwrap_or(0),
+        };
+        out.insert(cidr.trunc(), value);
+    }
+    for cidr in &desired.local_pod_cidrs {
+        let value = RemoteValue {
+            has_peer: false,
+            local: true,
+            node_id: 0,
+        };
+        out.insert(cidr.trunc(), value);
+    }
+    out
+}
+
 /// Decrypted packets arrive on the TUN with pod source addresses that the
 /// kernel's reverse-path filter would reject (their route points elsewhere);
 /// cryptokey routing already authenticated them.
@@ -335,5 +360,65 @@ fn disable_rp_filter(tun: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
     if let Err(e) = std::fs::write(&path, "0") {
         warn!("cannot write {path}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::RemoteCidr;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn remote_entries_carve_local_and_peer_cidrs_out_of_the_cluster_range() {
+        let mut d = Desired {
+            encryption_enabled: true,
+            strict: true,
+            local_pod_cidrs: vec![net("10.244.1.0/24")],
+            cluster_pod_cidrs: vec![net("10.244.0.0/16")],
+            ..Default::default()
+        };
+        d.remote_cidrs.insert(
+            net("10.244.2.0/24"),
+            RemoteCidr {
+                node: "b".into(),
+                peer: Some(PublicKey([2; 32])),
+            },
+        );
+        d.remote_cidrs.insert(
+            net("10.244.3.0/24"),
+            RemoteCidr {
+                node: "c".into(),
+                peer: None,
+            },
+        );
+        let e = remote_entries(&d);
+        assert_eq!(e.len(), 4);
+        let cluster = e[&net("10.244.0.0/16")];
+        assert!(!cluster.has_peer && !cluster.local);
+        assert!(e[&net("10.244.1.0/24")].local);
+        let b = e[&net("10.244.2.0/24")];
+        assert!(b.has_peer && !b.local && b.node_id == 1);
+        let c = e[&net("10.244.3.0/24")];
+        assert!(!c.has_peer && !c.local && c.node_id == 2);
+    }
+
+    #[test]
+    fn a_node_cidr_equal_to_the_cluster_range_wins() {
+        let mut d = Desired {
+            cluster_pod_cidrs: vec![net("10.244.2.0/24")],
+            ..Default::default()
+        };
+        d.remote_cidrs.insert(
+            net("10.244.2.0/24"),
+            RemoteCidr {
+                node: "b".into(),
+                peer: Some(PublicKey([2; 32])),
+            },
+        );
+        assert!(remote_entries(&d)[&net("10.244.2.0/24")].has_peer);
     }
 }

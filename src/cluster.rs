@@ -75,12 +75,17 @@ pub struct Announcement {
 }
 
 /// The cluster-wide `VeilClusterConfig` named `default`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// `spec.encryption.enabled`; off when no config object exists.
     pub encryption_enabled: bool,
     /// `spec.encryption.strict`; on unless explicitly disabled.
     pub strict: bool,
+    /// `spec.clusterPodCIDRs`: the ranges all pod CIDRs are allocated from
+    /// (kube-controller-manager's `--cluster-cidr`). In strict mode, traffic to
+    /// an address in them that is neither local nor served by a peer is
+    /// dropped — this covers a node whose Node object is gone or not yet seen.
+    pub cluster_pod_cidrs: Vec<IpNet>,
 }
 
 impl Default for ClusterConfig {
@@ -88,6 +93,7 @@ impl Default for ClusterConfig {
         Self {
             encryption_enabled: false,
             strict: true,
+            cluster_pod_cidrs: Vec::new(),
         }
     }
 }
@@ -102,6 +108,10 @@ pub struct ClusterState {
     /// Keyed by node name.
     pub announcements: BTreeMap<String, Announcement>,
     pub config: ClusterConfig,
+    /// Where each object came from, by object reference (`Node/n1`,
+    /// `Pod/default/web`): a file path for the file source. Lets problems
+    /// found later (while reconciling) still name the file to fix.
+    pub origins: BTreeMap<String, String>,
 }
 
 /// Something wrong with one object from outside: it is skipped, the rest is used.

@@ -103,6 +103,8 @@ pub struct EndpointValue {
 pub struct RemoteValue {
     /// The owning node's WireGuard peer is configured and can carry traffic.
     pub has_peer: bool,
+    /// This node's own pod CIDR, carved out of a covering cluster-wide range.
+    pub local: bool,
     /// An agent-chosen number for the owning node (for diagnostics).
     pub node_id: u32,
 }

@@ -264,6 +264,7 @@ fn parse_fallback(msg: &RouteMessage) -> Option<FallbackRoute> {
     let dst = route_dst(msg)?;
     match (msg.header.kind, route_metric(msg)) {
         (RouteType::BlackHole, BLACKHOLE_METRIC) => Some(FallbackRoute::Blackhole { dst }),
+        (RouteType::Throw, _) => Some(FallbackRoute::Throw { dst }),
         (RouteType::Unicast, TUN_METRIC) => Some(FallbackRoute::Tun {
             dst,
             ifindex: route_oif(msg)?,
@@ -290,5 +291,6 @@ fn build_fallback(r: &FallbackRoute) -> Result<RouteMessage, Error> {
             .kind(RouteType::BlackHole)
             .priority(BLACKHOLE_METRIC)
             .build(),
+        FallbackRoute::Throw { .. } => b.kind(RouteType::Throw).build(),
     })
 }

@@ -44,6 +44,9 @@ pub struct Desired {
     pub strict: bool,
     /// This node's own pod CIDRs (from its Node object).
     pub local_pod_cidrs: Vec<IpNet>,
+    /// The cluster's pod ranges: in strict mode, whatever in them is neither
+    /// local nor served by a peer is dropped.
+    pub cluster_pod_cidrs: Vec<IpNet>,
     /// Keyed by the remote node's name.
     pub peers: BTreeMap<String, PeerSpec>,
     /// Every remote pod CIDR known from Node objects.
@@ -83,12 +86,22 @@ fn list(cidrs: &[IpNet]) -> String {
         .join(", ")
 }
 
-struct Diags(Vec<Diagnostic>);
+struct Diags<'a> {
+    list: Vec<Diagnostic>,
+    origins: &'a BTreeMap<String, String>,
+}
 
-impl Diags {
+impl Diags<'_> {
+    /// Names the object's own source (its file) when the state knows it, so
+    /// the operator learns where to fix it.
     fn push(&mut self, object: String, problem: String) {
-        self.0.push(Diagnostic {
-            source: DIAGNOSTIC_SOURCE.into(),
+        let source = self
+            .origins
+            .get(&object)
+            .cloned()
+            .unwrap_or_else(|| DIAGNOSTIC_SOURCE.into());
+        self.list.push(Diagnostic {
+            source,
             object,
             problem,
         });
@@ -103,10 +116,14 @@ impl Diags {
 /// keeps it; of two pods with the same IP the one whose `(namespace, name)`
 /// sorts first keeps it.
 pub fn desired(state: &ClusterState, node: &str) -> Outcome {
-    let mut diags = Diags(Vec::new());
+    let mut diags = Diags {
+        list: Vec::new(),
+        origins: &state.origins,
+    };
     let mut d = Desired {
         encryption_enabled: state.config.encryption_enabled,
         strict: state.config.strict,
+        cluster_pod_cidrs: state.config.cluster_pod_cidrs.clone(),
         ..Desired::default()
     };
     match state.nodes.get(node) {
@@ -123,7 +140,7 @@ pub fn desired(state: &ClusterState, node: &str) -> Outcome {
 
     Outcome {
         desired: d,
-        diagnostics: diags.0,
+        diagnostics: diags.list,
     }
 }
 
@@ -442,6 +459,7 @@ mod tests {
             config: ClusterConfig {
                 encryption_enabled: true,
                 strict: true,
+                cluster_pod_cidrs: vec![],
             },
             ..ClusterState::default()
         };
@@ -536,7 +554,7 @@ mod tests {
         assert_eq!(desired(&s, "a"), desired(&s, "a"));
         // Built in a different insertion order: same result.
         let mut t = ClusterState {
-            config: s.config,
+            config: s.config.clone(),
             ..ClusterState::default()
         };
         for (k, v) in s.nodes.iter().rev() {
@@ -557,9 +575,11 @@ mod tests {
         s.config = ClusterConfig {
             encryption_enabled: false,
             strict: false,
+            cluster_pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         };
         let d = desired(&s, "a").desired;
         assert!(!d.encryption_enabled && !d.strict);
+        assert_eq!(d.cluster_pod_cidrs, s.config.cluster_pod_cidrs);
     }
 
     #[test]

@@ -33,6 +33,9 @@
 
 /* veil_remote value flags */
 #define REMOTE_HAS_PEER (1U << 0)
+/* This node's own pod CIDR: carved out of a covering cluster-wide entry, so
+ * the longest match for a local pod address is never a strict-mode drop. */
+#define REMOTE_LOCAL (1U << 1)
 
 /* veil_endpoints value flags (none defined yet; reserved for policy). */
 

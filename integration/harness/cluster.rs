@@ -113,7 +113,10 @@ impl ClusterDir {
                 "apiVersion": "veil.dev/v1alpha1",
                 "kind": "VeilClusterConfig",
                 "metadata": {"name": "default"},
-                "spec": {"encryption": {"enabled": enabled, "strict": strict}},
+                "spec": {
+                    "encryption": {"enabled": enabled, "strict": strict},
+                    "clusterPodCIDRs": ["10.244.0.0/16"],
+                },
             })],
         );
     }

@@ -7,7 +7,10 @@ use clap::Parser;
 use veil::agent::{self, DEFAULT_MTU, DEFAULT_PORT, DEFAULT_TUN};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Veil node agent: WireGuard between nodes, eBPF steering, no proxy")]
+#[command(
+    version,
+    about = "Veil node agent: WireGuard between nodes, eBPF steering, no proxy"
+)]
 struct Args {
     /// This node's name (`metadata.name` of its Node object).
     #[arg(long, env = "VEIL_NODE")]
@@ -19,7 +22,11 @@ struct Args {
     #[arg(long, env = "VEIL_KEY_DIR", default_value = "/var/lib/veil/keys")]
     key_dir: PathBuf,
     /// WireGuard UAPI socket (`wg show` reads /var/run/wireguard/<name>.sock).
-    #[arg(long, env = "VEIL_UAPI_SOCKET", default_value = "/var/run/wireguard/veil0.sock")]
+    #[arg(
+        long,
+        env = "VEIL_UAPI_SOCKET",
+        default_value = "/var/run/wireguard/veil0.sock"
+    )]
     uapi_socket: PathBuf,
     /// Do not serve the UAPI socket.
     #[arg(long, env = "VEIL_NO_UAPI")]
@@ -52,7 +59,10 @@ fn init_logging() {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

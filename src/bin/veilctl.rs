@@ -3,11 +3,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use veil::cluster::file::FileSource;
+use veil::cluster::objects::{
+    VeilClusterConfig, VeilClusterConfigSpec, CLUSTER_CONFIG_NAME, VEIL_API_VERSION,
+};
 use veil::cluster::ClusterState;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Operate Veil: status, the cluster-wide encryption flag")]
+#[command(
+    version,
+    about = "Operate Veil: status, the cluster-wide encryption flag"
+)]
 struct Cli {
     /// Directory of Kubernetes objects as YAML (the file cluster source).
     #[arg(long, env = "VEIL_CLUSTER_DIR", global = true, default_value = ".")]
@@ -31,7 +38,7 @@ enum Command {
 }
 
 /// The file `veilctl` writes the cluster config to.
-const CONFIG_FILE: &str = "veil-cluster-config.yaml";
+const CONFIG_FILE: &str = "veilclusterconfig.yaml";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,7 +63,10 @@ fn status(dir: &Path) -> Result<(), String> {
     let (state, diags) = FileSource::new(dir).load();
     print!("{}", render_status(&state));
     if !diags.is_empty() {
-        println!("\nproblems ({}; the objects named are skipped):", diags.len());
+        println!(
+            "\nproblems ({}; the objects named are skipped):",
+            diags.len()
+        );
         for d in &diags {
             println!("  {d}");
         }
@@ -66,13 +76,27 @@ fn status(dir: &Path) -> Result<(), String> {
 
 fn render_status(state: &ClusterState) -> String {
     use std::fmt::Write as _;
-    let c = state.config;
+    let c = &state.config;
     let mut out = String::new();
+    let cluster: Vec<String> = c
+        .cluster_pod_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let _ = writeln!(
         out,
-        "encryption: {}  strict: {}",
-        if c.encryption_enabled { "enabled" } else { "disabled" },
-        if c.strict { "on" } else { "off" }
+        "encryption: {}  strict: {}  cluster pod CIDRs: {}",
+        if c.encryption_enabled {
+            "enabled"
+        } else {
+            "disabled"
+        },
+        if c.strict { "on" } else { "off" },
+        if cluster.is_empty() {
+            "(not set)".to_string()
+        } else {
+            cluster.join(",")
+        }
     );
     let _ = writeln!(
         out,
@@ -116,9 +140,24 @@ fn set_encryption(dir: &Path, enabled: bool, strict: bool) -> Result<(), String>
             path.display()
         ));
     }
-    let yaml = format!(
-        "apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata:\n  name: default\nspec:\n  encryption:\n    enabled: {enabled}\n    strict: {strict}\n"
-    );
+    // Keep every other field of an existing config (e.g. clusterPodCIDRs).
+    let mut config = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_yaml::from_str::<VeilClusterConfig>(&text)
+            .map_err(|e| format!("{}: {e}; fix or remove it first", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => VeilClusterConfig {
+            api_version: VEIL_API_VERSION.into(),
+            kind: VeilClusterConfig::KIND.into(),
+            metadata: ObjectMeta {
+                name: Some(CLUSTER_CONFIG_NAME.into()),
+                ..ObjectMeta::default()
+            },
+            spec: VeilClusterConfigSpec::default(),
+        },
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    config.spec.encryption.enabled = Some(enabled);
+    config.spec.encryption.strict = Some(strict);
+    let yaml = serde_yaml::to_string(&config).map_err(|e| format!("encoding the config: {e}"))?;
     let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
     std::fs::write(&tmp, yaml).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("renaming to {}: {e}", path.display()))?;

@@ -123,7 +123,8 @@ impl FileSource {
         let mut previous = std::mem::take(&mut self.last_good);
         let mut current = BTreeMap::new();
         for path in &scan.files {
-            match read_file(path).and_then(|text| parse_file(path, &text, &mut diags)) {
+            let before = previous.get(path).map(Vec::as_slice).unwrap_or_default();
+            match read_file(path).and_then(|text| parse_file(path, &text, before, &mut diags)) {
                 Ok(objects) => {
                     current.insert(path.clone(), objects);
                 }
@@ -358,7 +359,16 @@ fn keep_note(problem: String, kept: Option<&[Object]>) -> String {
 
 /// Parses all documents of one file. `Err` means the file as a whole is
 /// unusable (not YAML); object-level problems go to `diags`.
-fn parse_file(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> Result<Vec<Object>, String> {
+/// Parses one file. An object that fails validation is skipped, but if the
+/// file's previous good read had a version of it (`previous`), that version
+/// stays in force: a bad edit to one object never removes it (for the cluster
+/// config, that would silently turn encryption off).
+fn parse_file(
+    path: &Path,
+    text: &str,
+    previous: &[Object],
+    diags: &mut Vec<Diagnostic>,
+) -> Result<Vec<Object>, String> {
     // Parse every document first, so a syntax error late in the file does
     // not leave the earlier documents applied on their own.
     let mut documents = Vec::new();
@@ -371,6 +381,7 @@ fn parse_file(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> Result<Ve
     let mut ctx = Ctx {
         path,
         text,
+        previous,
         diags,
         objects: &mut objects,
     };
@@ -384,6 +395,8 @@ struct Ctx<'a> {
     path: &'a Path,
     /// The file's text, to re-read a document for an error with its line.
     text: &'a str,
+    /// The objects of this file's last good read.
+    previous: &'a [Object],
     diags: &'a mut Vec<Diagnostic>,
     objects: &'a mut Vec<Object>,
 }
@@ -505,7 +518,9 @@ impl Ctx<'_> {
             (VEIL_API_VERSION, VeilClusterConfig::KIND) => self
                 .typed::<VeilClusterConfig>(value, document)
                 .and_then(|c| match name.as_deref() {
-                    Some(CLUSTER_CONFIG_NAME) => Ok(Object::Config(ClusterConfig::from(&c.spec))),
+                    Some(CLUSTER_CONFIG_NAME) => ClusterConfig::try_from(&c.spec)
+                        .map(Object::Config)
+                        .map_err(|e| e.to_string()),
                     Some(_) => Err(format!(
                         "ignored: only the VeilClusterConfig named `{CLUSTER_CONFIG_NAME}` is used"
                     )),
@@ -530,7 +545,16 @@ impl Ctx<'_> {
         };
         match converted {
             Ok(object) => self.objects.push(object),
-            Err(problem) => self.diag(label, format!("{problem}; object skipped")),
+            Err(problem) => match self.previous.iter().find(|o| o.key() == label) {
+                Some(last_good) => {
+                    self.objects.push(last_good.clone());
+                    self.diag(
+                        label,
+                        format!("{problem}; keeping the last good version of this object"),
+                    );
+                }
+                None => self.diag(label, format!("{problem}; object skipped")),
+            },
         }
     }
 }
@@ -559,6 +583,9 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, diags: &mut Vec<Diagnostic>) ->
                 });
                 continue;
             }
+            state
+                .origins
+                .insert(key.clone(), path.display().to_string());
             seen.insert(key, path);
             match object {
                 Object::Node(n) => {
@@ -575,7 +602,7 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, diags: &mut Vec<Diagnostic>) ->
                 Object::Announcement(a) => {
                     state.announcements.insert(a.node.clone(), a.clone());
                 }
-                Object::Config(c) => state.config = *c,
+                Object::Config(c) => state.config = c.clone(),
             }
         }
     }
@@ -661,6 +688,85 @@ status: {addresses: [{address: 198.18.0.2, type: InternalIP}]}
 "#;
 
     #[test]
+    fn an_invalid_edit_keeps_the_objects_last_good_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let config =
+            "apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\n";
+        write(
+            dir,
+            "c.yaml",
+            &format!("{config}spec: {{encryption: {{enabled: true}}, clusterPodCIDRs: [10.244.0.0/16]}}\n---\n{NODES}"),
+        );
+        let mut source = FileSource::new(dir);
+        let (good, diags) = source.load();
+        assert!(diags.is_empty(), "{diags:?}");
+        assert!(good.config.encryption_enabled);
+
+        // Break one object of each kind; the file itself still parses.
+        let broken_nodes = NODES.replace("podCIDR: 10.244.2.0/24", "podCIDR: 10.244.2.0/33");
+        write(
+            dir,
+            "c.yaml",
+            &format!("{config}spec: {{encryption: {{enabled: true}}, clusterPodCIDRs: [10.244.0.0/99]}}\n---\n{broken_nodes}"),
+        );
+        let (state, diags) = source.load();
+        assert_eq!(state.config, good.config, "the config stays as it was");
+        assert_eq!(state.nodes, good.nodes, "node n2 stays as it was");
+        for object in ["VeilClusterConfig/default", "Node/n2"] {
+            assert!(
+                problems(&diags, object)
+                    .iter()
+                    .any(|p| p.contains("keeping the last good version")),
+                "{object}: {diags:?}"
+            );
+        }
+
+        // An object that never had a good version is simply skipped.
+        write(
+            dir,
+            "new.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n9}\nspec: {podCIDR: nonsense}\n",
+        );
+        let (state, diags) = source.load();
+        assert!(!state.nodes.contains_key("n9"));
+        assert!(problems(&diags, "Node/n9")
+            .iter()
+            .any(|p| p.contains("object skipped")));
+    }
+
+    #[test]
+    fn problems_found_while_reconciling_name_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write(dir, "nodes.yaml", NODES);
+        let thief = write(
+            dir,
+            "thief.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: thief}\nspec: {podCIDR: 10.244.2.0/24}\n",
+        );
+        let orphan = write(
+            dir,
+            "orphan.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: orphan}\nspec: {nodeName: nowhere}\nstatus: {podIP: 10.244.1.9}\n",
+        );
+        let (state, _) = FileSource::new(dir).load();
+        let outcome = crate::reconcile::desired(&state, "n1");
+        let source_of = |object: &str| {
+            outcome
+                .diagnostics
+                .iter()
+                .find(|d| d.object == object)
+                .map(|d| d.source.clone())
+        };
+        assert_eq!(source_of("Node/thief"), Some(thief.display().to_string()));
+        assert_eq!(
+            source_of("Pod/default/orphan"),
+            Some(orphan.display().to_string())
+        );
+    }
+
+    #[test]
     fn reads_every_kind_from_many_files() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
@@ -736,7 +842,8 @@ metadata: {resourceVersion: ""}
             state.config,
             ClusterConfig {
                 encryption_enabled: true,
-                strict: true
+                strict: true,
+                cluster_pod_cidrs: vec![],
             }
         );
         let ann = &state.announcements["n2"];

@@ -116,6 +116,13 @@ pub struct EncryptionSpec {
 pub struct VeilClusterConfigSpec {
     #[serde(default)]
     pub encryption: EncryptionSpec,
+    /// The cluster's pod address ranges, e.g. `[10.244.0.0/16]`.
+    #[serde(
+        default,
+        rename = "clusterPodCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub cluster_pod_cidrs: Vec<String>,
 }
 
 /// `veil.dev/v1alpha1 VeilClusterConfig`, cluster-scoped; only `default` counts.
@@ -147,16 +154,24 @@ impl VeilClusterConfig {
     }
 }
 
-impl From<&VeilClusterConfigSpec> for ClusterConfig {
-    fn from(spec: &VeilClusterConfigSpec) -> Self {
+impl TryFrom<&VeilClusterConfigSpec> for ClusterConfig {
+    type Error = ObjectError;
+
+    fn try_from(spec: &VeilClusterConfigSpec) -> Result<Self, ObjectError> {
         let defaults = ClusterConfig::default();
-        ClusterConfig {
+        let cluster_pod_cidrs = spec
+            .cluster_pod_cidrs
+            .iter()
+            .map(|c| parse_cidr("spec.clusterPodCIDRs", c))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ClusterConfig {
             encryption_enabled: spec
                 .encryption
                 .enabled
                 .unwrap_or(defaults.encryption_enabled),
             strict: spec.encryption.strict.unwrap_or(defaults.strict),
-        }
+            cluster_pod_cidrs,
+        })
     }
 }
 
@@ -555,22 +570,37 @@ status:
             "apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\n",
         );
         assert_eq!(
-            ClusterConfig::from(&cfg.spec),
+            ClusterConfig::try_from(&cfg.spec).unwrap(),
             ClusterConfig {
                 encryption_enabled: false,
-                strict: true
+                strict: true,
+                cluster_pod_cidrs: vec![],
             }
         );
         let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true}}\n");
         assert_eq!(
-            ClusterConfig::from(&cfg.spec),
+            ClusterConfig::try_from(&cfg.spec).unwrap(),
             ClusterConfig {
                 encryption_enabled: true,
-                strict: true
+                strict: true,
+                cluster_pod_cidrs: vec![],
             }
         );
         let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true, strict: false}}\n");
-        assert!(!ClusterConfig::from(&cfg.spec).strict);
+        assert!(!ClusterConfig::try_from(&cfg.spec).unwrap().strict);
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {clusterPodCIDRs: [10.244.0.0/16, 'fd00:244::/56']}\n");
+        assert_eq!(
+            ClusterConfig::try_from(&cfg.spec)
+                .unwrap()
+                .cluster_pod_cidrs,
+            vec![
+                "10.244.0.0/16".parse::<IpNet>().unwrap(),
+                "fd00:244::/56".parse().unwrap()
+            ]
+        );
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {clusterPodCIDRs: [10.244.0.0/40]}\n");
+        let err = ClusterConfig::try_from(&cfg.spec).unwrap_err().to_string();
+        assert!(err.contains("spec.clusterPodCIDRs"), "{err}");
     }
 
     #[test]

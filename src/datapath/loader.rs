@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::maps::{
     prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, RemoteRaw, CFG_ENABLED, CFG_STRICT,
-    IDENTITY_MAX, REMOTE_HAS_PEER,
+    IDENTITY_MAX, REMOTE_HAS_PEER, REMOTE_LOCAL,
 };
 use super::sync::diff;
 use super::{key_str, mss_for_mtu, DatapathConfig, EndpointValue, Error, Reason, RemoteValue};
@@ -440,7 +440,8 @@ impl Datapath {
         let d = diff(&self.cur_remote, &want);
         for (net, v) in d.upsert {
             let raw = RemoteRaw {
-                flags: if v.has_peer { REMOTE_HAS_PEER } else { 0 },
+                flags: if v.has_peer { REMOTE_HAS_PEER } else { 0 }
+                    | if v.local { REMOTE_LOCAL } else { 0 },
                 node_id: v.node_id,
             };
             self.remote

@@ -33,6 +33,8 @@ pub const CFG_ENABLED: u32 = 1 << 0;
 pub const CFG_STRICT: u32 = 1 << 1;
 /// `veil_remote` value flag: the node's WireGuard peer is configured.
 pub const REMOTE_HAS_PEER: u32 = 1 << 0;
+/// `veil_remote` value flag: this node's own pod CIDR (never steered, never dropped).
+pub const REMOTE_LOCAL: u32 = 1 << 1;
 
 /// Number of slots in `veil_metrics` (`METRICS_MAX`).
 pub const METRICS_MAX: u32 = 8;

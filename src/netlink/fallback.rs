@@ -8,6 +8,10 @@
 //! - in strict mode a `blackhole` at a worse metric. Routes through `veil0`
 //!   vanish with the device when the agent dies; the blackhole stays, so the
 //!   fallback fails closed instead of falling through to `main`.
+//! In strict mode the cluster-wide pod ranges are blackholed too (a node whose
+//! Node object is gone still has its CNI route), and this node's own pod CIDRs
+//! get a `throw` route, which ends the lookup in Veil's table and continues
+//! with the next rule (`main`), so local pods stay reachable.
 
 use std::collections::BTreeSet;
 
@@ -31,12 +35,16 @@ pub enum FallbackRoute {
     Tun { dst: IpNet, ifindex: u32 },
     /// `blackhole dst metric BLACKHOLE_METRIC`
     Blackhole { dst: IpNet },
+    /// `throw dst`: not Veil's business, continue with the next rule.
+    Throw { dst: IpNet },
 }
 
 impl FallbackRoute {
     pub fn dst(&self) -> IpNet {
         match *self {
-            FallbackRoute::Tun { dst, .. } | FallbackRoute::Blackhole { dst } => dst,
+            FallbackRoute::Tun { dst, .. }
+            | FallbackRoute::Blackhole { dst }
+            | FallbackRoute::Throw { dst } => dst,
         }
     }
 }
@@ -55,6 +63,14 @@ pub fn plan(desired: &Desired, tun_ifindex: Option<u32>) -> BTreeSet<FallbackRou
         }
         if desired.strict {
             routes.insert(FallbackRoute::Blackhole { dst });
+        }
+    }
+    if desired.strict {
+        for cidr in &desired.cluster_pod_cidrs {
+            routes.insert(FallbackRoute::Blackhole { dst: cidr.trunc() });
+        }
+        for cidr in &desired.local_pod_cidrs {
+            routes.insert(FallbackRoute::Throw { dst: cidr.trunc() });
         }
     }
     routes
@@ -116,6 +132,26 @@ mod tests {
         ]
         .into();
         assert_eq!(routes, want);
+    }
+
+    #[test]
+    fn strict_blackholes_the_cluster_range_and_throws_local_cidrs() {
+        let mut d = desired(true, true);
+        d.cluster_pod_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+        d.local_pod_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
+        let routes = plan(&d, Some(7));
+        assert!(routes.contains(&FallbackRoute::Blackhole {
+            dst: "10.244.0.0/16".parse().unwrap()
+        }));
+        assert!(routes.contains(&FallbackRoute::Throw {
+            dst: "10.244.1.0/24".parse().unwrap()
+        }));
+        // Not strict: neither.
+        d.strict = false;
+        let routes = plan(&d, Some(7));
+        assert!(routes
+            .iter()
+            .all(|r| matches!(r, FallbackRoute::Tun { .. })));
     }
 
     #[test]
