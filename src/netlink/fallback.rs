@@ -8,6 +8,7 @@
 //! - in strict mode a `blackhole` at a worse metric. Routes through `veil0`
 //!   vanish with the device when the agent dies; the blackhole stays, so the
 //!   fallback fails closed instead of falling through to `main`.
+//!
 //! In strict mode the cluster-wide pod ranges are blackholed too (a node whose
 //! Node object is gone still has its CNI route), and this node's own pod CIDRs
 //! get a `throw` route, which ends the lookup in Veil's table and continues
