@@ -846,3 +846,849 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV6};
+
+    const NOW: u64 = 1_800_000_000;
+    const DAY: u64 = 86_400;
+    const SKEW: u64 = 300;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    struct Cluster {
+        ca: AuthorityKey,
+        id: IdentityKey,
+        cert: NodeCertificate,
+        node_cidrs: Vec<IpNet>,
+    }
+
+    fn cluster(node: &str) -> Cluster {
+        let ca = AuthorityKey::generate();
+        let id = IdentityKey::generate();
+        let cert = ca
+            .certify(node, id.public_key(), NOW - DAY, NOW + 30 * DAY)
+            .unwrap();
+        Cluster {
+            ca,
+            id,
+            cert,
+            node_cidrs: vec![net("10.244.1.0/24"), net("fd00:10:244:1::/64")],
+        }
+    }
+
+    fn body(node: &str) -> AnnouncementBody {
+        AnnouncementBody {
+            node: node.into(),
+            wireguard_key: crate::WireGuardPrivateKey::generate().public_key(),
+            generation: 3,
+            listen_port: 51820,
+            pod_cidrs: vec![net("fd00:10:244:1::/64"), net("10.244.1.0/24")],
+            endpoint: Some("198.18.0.1:51820".parse().unwrap()),
+            not_before: NOW - 60,
+            not_after: NOW + DAY,
+        }
+    }
+
+    fn ctx<'a>(c: &Cluster, cidrs: Option<&'a [IpNet]>) -> VerifyContext<'a> {
+        VerifyContext {
+            authority: c.ca.public_key(),
+            now: NOW,
+            skew: SKEW,
+            accepted_generation: Some(3),
+            node_pod_cidrs: cidrs,
+        }
+    }
+
+    fn signed(c: &Cluster) -> SignedAnnouncement {
+        SignedAnnouncement::sign_by_node(body("n1"), &c.id, c.cert.clone()).unwrap()
+    }
+
+    #[test]
+    fn node_signed_round_trip() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        ann.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap();
+        // Stored normalized: sorted (IPv4 before IPv6).
+        assert_eq!(ann.body.pod_cidrs, c.node_cidrs);
+        // No generation accepted yet, an equal one (re-publication), a newer one.
+        for accepted in [None, Some(3), Some(1), Some(0)] {
+            let mut cx = ctx(&c, Some(&c.node_cidrs));
+            cx.accepted_generation = accepted;
+            ann.verify(&cx).unwrap();
+        }
+        // The certificate survives its text form.
+        let text = c.cert.to_base64();
+        assert_eq!(NodeCertificate::from_base64(&text).unwrap(), c.cert);
+        assert_eq!(
+            NodeCertificate::from_base64(&format!(" {text}\n")).unwrap(),
+            c.cert
+        );
+        c.cert.verify(&c.ca.public_key(), NOW, 0).unwrap();
+        // So does the signature.
+        assert_eq!(
+            decode_signature(&encode_signature(&ann.signature)).unwrap(),
+            ann.signature
+        );
+    }
+
+    #[test]
+    fn signing_is_deterministic_over_normalized_cidrs() {
+        let c = cluster("n1");
+        let a = signed(&c);
+        let mut messy = body("n1");
+        messy.wireguard_key = a.body.wireguard_key;
+        messy.pod_cidrs = vec![
+            net("fd00:10:244:1::5/64"),
+            net("10.244.1.7/24"),
+            net("10.244.1.0/24"),
+        ];
+        let b = SignedAnnouncement::sign_by_node(messy, &c.id, c.cert.clone()).unwrap();
+        // Ed25519 signatures are deterministic (RFC 8032 section 5.1.6), so
+        // equal signatures mean equal signed bytes.
+        assert_eq!(a.signature, b.signature);
+        assert_eq!(a.body, b.body);
+        // A body whose CIDRs are listed differently still verifies: the
+        // signature covers the normalized set.
+        let mut reordered = a.clone();
+        reordered.body.pod_cidrs.reverse();
+        reordered.body.pod_cidrs.push(net("10.244.1.9/24"));
+        reordered.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap();
+    }
+
+    #[test]
+    fn tampered_body_or_signature_rejected() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let mut cases: Vec<(&str, SignedAnnouncement)> = Vec::new();
+        let mut t = ann.clone();
+        t.body.wireguard_key = crate::WireGuardPrivateKey::generate().public_key();
+        cases.push(("wireguard_key", t));
+        let mut t = ann.clone();
+        t.body.generation ^= 1 << 40;
+        cases.push(("generation", t));
+        let mut t = ann.clone();
+        t.body.listen_port ^= 1;
+        cases.push(("listen_port", t));
+        let mut t = ann.clone();
+        t.body.pod_cidrs[0] = net("10.244.2.0/24");
+        cases.push(("pod_cidrs", t));
+        let mut t = ann.clone();
+        t.body.pod_cidrs.pop();
+        cases.push(("pod_cidrs removed", t));
+        let mut t = ann.clone();
+        t.body.endpoint = Some("198.18.0.66:51820".parse().unwrap());
+        cases.push(("endpoint", t));
+        let mut t = ann.clone();
+        t.body.endpoint = None;
+        cases.push(("endpoint removed", t));
+        let mut t = ann.clone();
+        t.body.not_before ^= 1;
+        cases.push(("not_before", t));
+        let mut t = ann.clone();
+        t.body.not_after ^= 1 << 20;
+        cases.push(("not_after", t));
+        for bit in [0, 7, 100, 511] {
+            let mut t = ann.clone();
+            t.signature[bit / 8] ^= 1 << (bit % 8);
+            cases.push(("signature", t));
+        }
+        for (what, t) in cases {
+            let err = t.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    TrustError::AnnouncementSignature { node, signer: SignerKind::Node } if node == "n1"
+                ),
+                "{what}: {err:?}"
+            );
+            assert!(err.to_string().contains("`n1`"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tampered_certificate_rejected() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let tamper = |f: &dyn Fn(&mut NodeCertificate)| {
+            let mut t = ann.clone();
+            let Signer::Node(cert) = &mut t.signer else {
+                unreachable!()
+            };
+            f(cert);
+            t
+        };
+        let cases = [
+            tamper(&|cert| cert.signature[5] ^= 0x10),
+            tamper(&|cert| cert.not_after += 1),
+            tamper(&|cert| cert.not_before -= 1),
+        ];
+        for t in cases {
+            let err = t.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap_err();
+            assert!(
+                matches!(&err, TrustError::CertificateSignature { node } if node == "n1"),
+                "{err:?}"
+            );
+        }
+        // Swapping in an attacker's identity key and re-signing the
+        // announcement with it does not help: the certificate no longer verifies.
+        let attacker = IdentityKey::generate();
+        let mut cert = c.cert.clone();
+        cert.identity_key = attacker.public_key();
+        let message = announcement_bytes(&ann.body, SignerKind::Node, &cert.identity_key);
+        let forged = SignedAnnouncement {
+            body: ann.body.clone(),
+            signature: attacker.sign(&message),
+            signer: Signer::Node(cert),
+        };
+        assert!(matches!(
+            forged.verify(&ctx(&c, Some(&c.node_cidrs))),
+            Err(TrustError::CertificateSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn self_certified_node_rejected() {
+        let c = cluster("n1");
+        // The attacker can write the store, so it makes its own "authority",
+        // certifies its own identity key for n1 and signs a valid-looking
+        // announcement. Receivers verify against the installed authority key.
+        let rogue_ca = AuthorityKey::generate();
+        let rogue_id = IdentityKey::generate();
+        let rogue_cert = rogue_ca
+            .certify("n1", rogue_id.public_key(), NOW - DAY, NOW + DAY)
+            .unwrap();
+        let ann = SignedAnnouncement::sign_by_node(body("n1"), &rogue_id, rogue_cert).unwrap();
+        let err = ann.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::CertificateSignature { node } if node == "n1"),
+            "{err:?}"
+        );
+        assert!(err
+            .to_string()
+            .contains("not signed by the cluster authority"));
+        // The same with a certificate signed by the node's own identity key.
+        let self_ca = AuthorityKey::from_seed(*rogue_id.to_seed());
+        let self_cert = self_ca
+            .certify("n1", rogue_id.public_key(), NOW - DAY, NOW + DAY)
+            .unwrap();
+        let ann = SignedAnnouncement::sign_by_node(body("n1"), &rogue_id, self_cert).unwrap();
+        assert!(matches!(
+            ann.verify(&ctx(&c, Some(&c.node_cidrs))),
+            Err(TrustError::CertificateSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn certificate_for_another_node_rejected() {
+        let c = cluster("n1");
+        // n2 is a real, approved node, and tries to speak for n1.
+        let n2 = IdentityKey::generate();
+        let n2_cert =
+            c.ca.certify("n2", n2.public_key(), NOW - DAY, NOW + DAY)
+                .unwrap();
+        let message = announcement_bytes(&body("n1"), SignerKind::Node, &n2.public_key());
+        let ann = SignedAnnouncement {
+            body: body("n1"),
+            signature: n2.sign(&message),
+            signer: Signer::Node(n2_cert.clone()),
+        };
+        let err = ann.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::CertificateNodeMismatch { node, certified } if node == "n1" && certified == "n2"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "announcement for node `n1` carries a certificate issued to node `n2`"
+        );
+        // And the signing helper refuses to produce such a thing.
+        assert!(matches!(
+            SignedAnnouncement::sign_by_node(body("n1"), &n2, n2_cert),
+            Err(TrustError::CertificateNodeMismatch { .. })
+        ));
+        // Signing with a key other than the certified one is refused too.
+        let err =
+            SignedAnnouncement::sign_by_node(body("n1"), &IdentityKey::generate(), c.cert.clone())
+                .unwrap_err();
+        assert!(
+            matches!(err, TrustError::IdentityKeyMismatch { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn generation_rollback_rejected() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let mut cx = ctx(&c, Some(&c.node_cidrs));
+        cx.accepted_generation = Some(4);
+        let err = ann.verify(&cx).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                TrustError::GenerationRollback { node, generation: 3, accepted: 4 } if node == "n1"
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("rollback"), "{err}");
+        cx.accepted_generation = Some(u64::MAX);
+        assert!(matches!(
+            ann.verify(&cx),
+            Err(TrustError::GenerationRollback { .. })
+        ));
+    }
+
+    #[test]
+    fn certificate_validity_with_skew() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let (nb, na) = (c.cert.not_before, c.cert.not_after);
+        // The announcement window is wide here so only the certificate's matters.
+        let wide = |now: u64| {
+            let mut b = ann.body.clone();
+            b.not_before = 0;
+            b.not_after = u64::MAX;
+            let a = SignedAnnouncement::sign_by_node(b, &c.id, c.cert.clone()).unwrap();
+            let mut cx = ctx(&c, Some(&c.node_cidrs));
+            cx.now = now;
+            a.verify(&cx)
+        };
+        wide(na + SKEW).unwrap();
+        wide(nb - SKEW).unwrap();
+        let err = wide(na + SKEW + 1).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::CertificateExpired { node, not_after, .. } if node == "n1" && *not_after == na),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("approve the node again"), "{err}");
+        let err = wide(nb - SKEW - 1).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::CertificateNotYetValid { node, not_before, .. } if node == "n1" && *not_before == nb),
+            "{err:?}"
+        );
+        // NodeCertificate::verify on its own, with zero skew.
+        assert!(matches!(
+            c.cert.verify(&c.ca.public_key(), na + 1, 0),
+            Err(TrustError::CertificateExpired { .. })
+        ));
+        assert!(matches!(
+            c.cert.verify(&c.ca.public_key(), nb - 1, 0),
+            Err(TrustError::CertificateNotYetValid { .. })
+        ));
+        c.cert.verify(&c.ca.public_key(), na, 0).unwrap();
+        c.cert.verify(&c.ca.public_key(), nb, 0).unwrap();
+        // A window near the end of time does not overflow.
+        let far =
+            c.ca.certify("n1", c.id.public_key(), u64::MAX - 1, u64::MAX)
+                .unwrap();
+        far.verify(&c.ca.public_key(), u64::MAX, u64::MAX).unwrap();
+        assert!(matches!(
+            far.verify(&c.ca.public_key(), 0, 5),
+            Err(TrustError::CertificateNotYetValid { .. })
+        ));
+    }
+
+    #[test]
+    fn announcement_validity_with_skew() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let at = |now: u64| {
+            let mut cx = ctx(&c, Some(&c.node_cidrs));
+            cx.now = now;
+            ann.verify(&cx)
+        };
+        at(ann.body.not_after + SKEW).unwrap();
+        at(ann.body.not_before - SKEW).unwrap();
+        let err = at(ann.body.not_after + SKEW + 1).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::AnnouncementExpired { node, .. } if node == "n1"),
+            "{err:?}"
+        );
+        let err = at(ann.body.not_before - SKEW - 1).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::AnnouncementNotYetValid { node, .. } if node == "n1"),
+            "{err:?}"
+        );
+        // An inverted window is malformed, before and after signing.
+        let mut inverted = body("n1");
+        inverted.not_before = inverted.not_after + 1;
+        let err =
+            SignedAnnouncement::sign_by_node(inverted.clone(), &c.id, c.cert.clone()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TrustError::InvalidValidity {
+                    what: "announcement",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut t = ann.clone();
+        t.body = inverted;
+        assert!(matches!(
+            t.verify(&ctx(&c, Some(&c.node_cidrs))),
+            Err(TrustError::InvalidValidity { .. })
+        ));
+        assert!(matches!(
+            c.ca.certify("n1", c.id.public_key(), 10, 9),
+            Err(TrustError::InvalidValidity {
+                what: "certificate",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn pod_cidrs_must_match_node_object() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let check = |node: &[IpNet]| ann.verify(&ctx(&c, Some(node)));
+        // Extra: the announcement claims a CIDR the Node does not have.
+        let err = check(&[net("10.244.1.0/24")]).unwrap_err();
+        match &err {
+            TrustError::PodCidrMismatch {
+                node,
+                extra,
+                missing,
+            } => {
+                assert_eq!(node, "n1");
+                assert_eq!(extra, &[net("fd00:10:244:1::/64")]);
+                assert!(missing.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("fd00:10:244:1::/64"), "{err}");
+        // Missing: the Node has a CIDR the announcement lacks.
+        let mut node = c.node_cidrs.clone();
+        node.push(net("10.244.99.0/24"));
+        let err = check(&node).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::PodCidrMismatch { extra, missing, .. }
+                if extra.is_empty() && missing == &[net("10.244.99.0/24")]),
+            "{err:?}"
+        );
+        // Different: same count, other network.
+        let err = check(&[net("10.244.2.0/24"), net("fd00:10:244:1::/64")]).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::PodCidrMismatch { extra, missing, .. }
+                if extra == &[net("10.244.1.0/24")] && missing == &[net("10.244.2.0/24")]),
+            "{err:?}"
+        );
+        // A wider prefix is a different network, not a match.
+        assert!(check(&[net("10.244.0.0/16"), net("fd00:10:244:1::/64")]).is_err());
+        // Set equality after normalization: order, duplicates, host bits.
+        check(&[
+            net("fd00:10:244:1::1/64"),
+            net("10.244.1.200/24"),
+            net("10.244.1.0/24"),
+        ])
+        .unwrap();
+        // No Node object.
+        let err = ann.verify(&ctx(&c, None)).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::NoNodeObject { node } if node == "n1"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no Node object"), "{err}");
+    }
+
+    fn external(c: &Cluster) -> SignedAnnouncement {
+        let mut b = body("office-gw");
+        b.pod_cidrs = vec![net("192.168.50.0/24")];
+        b.endpoint = Some(SocketAddr::from((Ipv4Addr::new(198, 18, 9, 9), 51820)));
+        SignedAnnouncement::sign_by_authority(b, &c.ca).unwrap()
+    }
+
+    #[test]
+    fn authority_signed_external_peer() {
+        let c = cluster("n1");
+        let ann = external(&c);
+        assert_eq!(ann.signer, Signer::Authority);
+        assert_eq!(ann.signer.kind(), SignerKind::Authority);
+        ann.verify(&ctx(&c, None)).unwrap();
+        // A Node of the same name: the external peer may not shadow it.
+        let err = ann
+            .verify(&ctx(&c, Some(&[net("192.168.50.0/24")])))
+            .unwrap_err();
+        assert!(
+            matches!(&err, TrustError::AuthoritySignedClusterNode { node } if node == "office-gw"),
+            "{err:?}"
+        );
+        // Tampering is caught, and names the authority as the signer.
+        let mut t = ann.clone();
+        t.body.pod_cidrs.push(net("10.244.0.0/16"));
+        let err = t.verify(&ctx(&c, None)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                TrustError::AnnouncementSignature {
+                    signer: SignerKind::Authority,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("cluster authority"), "{err}");
+        // Another cluster's authority.
+        let other = cluster("n1");
+        assert!(matches!(
+            ann.verify(&ctx(&other, None)),
+            Err(TrustError::AnnouncementSignature { .. })
+        ));
+        // Generation and validity rules apply to external peers as well.
+        let mut cx = ctx(&c, None);
+        cx.accepted_generation = Some(9);
+        assert!(matches!(
+            ann.verify(&cx),
+            Err(TrustError::GenerationRollback { .. })
+        ));
+        let mut cx = ctx(&c, None);
+        cx.now = ann.body.not_after + SKEW + 1;
+        assert!(matches!(
+            ann.verify(&cx),
+            Err(TrustError::AnnouncementExpired { .. })
+        ));
+    }
+
+    #[test]
+    fn node_signature_claiming_authority_rejected() {
+        let c = cluster("n1");
+        let node_signed = signed(&c);
+        // Relabel a genuine node-signed announcement as authority-signed.
+        let mut relabelled = node_signed.clone();
+        relabelled.signer = Signer::Authority;
+        let err = relabelled.verify(&ctx(&c, None)).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::AnnouncementSignature { node, signer: SignerKind::Authority } if node == "n1"),
+            "{err:?}"
+        );
+        // A node signing authority-kind bytes with its own identity key.
+        let message =
+            announcement_bytes(&node_signed.body, SignerKind::Authority, &c.id.public_key());
+        let claimed = SignedAnnouncement {
+            body: node_signed.body.clone(),
+            signer: Signer::Authority,
+            signature: c.id.sign(&message),
+        };
+        assert!(matches!(
+            claimed.verify(&ctx(&c, None)),
+            Err(TrustError::AnnouncementSignature {
+                signer: SignerKind::Authority,
+                ..
+            })
+        ));
+        // And the other way: an authority-signed announcement dressed up with
+        // a node certificate does not verify either (the signer kind is signed).
+        let ext = external(&c);
+        let n =
+            c.ca.certify("office-gw", c.id.public_key(), NOW - DAY, NOW + DAY)
+                .unwrap();
+        let mut dressed = ext.clone();
+        dressed.signer = Signer::Node(n);
+        assert!(matches!(
+            dressed.verify(&ctx(&c, Some(&[net("192.168.50.0/24")]))),
+            Err(TrustError::AnnouncementSignature {
+                signer: SignerKind::Node,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn domain_separation() {
+        assert!(!CERTIFICATE_DOMAIN.starts_with(ANNOUNCEMENT_DOMAIN));
+        assert!(!ANNOUNCEMENT_DOMAIN.starts_with(CERTIFICATE_DOMAIN));
+        let c = cluster("n1");
+        // The authority's signature over a certificate, presented as its
+        // signature over an announcement (an external-peer forgery attempt).
+        let ann = external(&c);
+        let cert =
+            c.ca.certify("office-gw", c.id.public_key(), NOW - DAY, NOW + DAY)
+                .unwrap();
+        let mut replay = ann.clone();
+        replay.signature = cert.signature;
+        assert!(matches!(
+            replay.verify(&ctx(&c, None)),
+            Err(TrustError::AnnouncementSignature { .. })
+        ));
+        // An authority signature over an announcement, presented as a certificate.
+        let mut fake = cert.clone();
+        fake.signature = ann.signature;
+        assert!(matches!(
+            fake.verify(&c.ca.public_key(), NOW, SKEW),
+            Err(TrustError::CertificateSignature { .. })
+        ));
+        // The signed bytes themselves: the certificate's bytes do not verify
+        // as an announcement with any signer, since tags differ at byte 5.
+        let cert_bytes = certificate_bytes("n1", &c.id.public_key(), 1, 2);
+        let ann_bytes = announcement_bytes(&ann.body, SignerKind::Authority, &c.ca.public_key());
+        assert_ne!(
+            cert_bytes[..CERTIFICATE_DOMAIN.len()],
+            ann_bytes[..CERTIFICATE_DOMAIN.len()]
+        );
+        let sig = c.ca.sign(&cert_bytes);
+        let vk = VerifyingKey::from_bytes(&c.ca.public_key()).unwrap();
+        vk.verify_strict(&cert_bytes, &Signature::from_bytes(&sig))
+            .unwrap();
+        assert!(vk
+            .verify_strict(&ann_bytes, &Signature::from_bytes(&sig))
+            .is_err());
+    }
+
+    #[test]
+    fn ipv6_endpoint_fully_covered() {
+        let c = cluster("n1");
+        let mut b = body("n1");
+        b.endpoint = Some(SocketAddr::V6(SocketAddrV6::new(
+            "2001:db8::1".parse().unwrap(),
+            51820,
+            7,
+            3,
+        )));
+        let ann = SignedAnnouncement::sign_by_node(b, &c.id, c.cert.clone()).unwrap();
+        ann.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap();
+        for change in [
+            SocketAddrV6::new("2001:db8::1".parse().unwrap(), 51820, 7, 4),
+            SocketAddrV6::new("2001:db8::1".parse().unwrap(), 51820, 8, 3),
+            SocketAddrV6::new("2001:db8::1".parse().unwrap(), 51821, 7, 3),
+            SocketAddrV6::new("2001:db8::2".parse().unwrap(), 51820, 7, 3),
+        ] {
+            let mut t = ann.clone();
+            t.body.endpoint = Some(SocketAddr::V6(change));
+            assert!(t.verify(&ctx(&c, Some(&c.node_cidrs))).is_err(), "{change}");
+        }
+        // An IPv4-mapped IPv6 address is not the same endpoint as the IPv4 one.
+        let mut v4 = body("n1");
+        v4.endpoint = Some("198.18.0.1:51820".parse().unwrap());
+        let ann = SignedAnnouncement::sign_by_node(v4, &c.id, c.cert.clone()).unwrap();
+        let mut t = ann.clone();
+        t.body.endpoint = Some("[::ffff:198.18.0.1]:51820".parse().unwrap());
+        assert!(t.verify(&ctx(&c, Some(&c.node_cidrs))).is_err());
+    }
+
+    #[test]
+    fn unusable_keys_rejected() {
+        let c = cluster("n1");
+        let mut b = body("n1");
+        b.wireguard_key = [0; 32];
+        let err = SignedAnnouncement::sign_by_node(b.clone(), &c.id, c.cert.clone()).unwrap_err();
+        assert!(
+            matches!(&err, TrustError::UnusableWireGuardKey { node } if node == "n1"),
+            "{err:?}"
+        );
+        // Even when correctly signed (bypassing the helper's check).
+        let message = announcement_bytes(&b, SignerKind::Node, &c.id.public_key());
+        let ann = SignedAnnouncement {
+            body: b,
+            signature: c.id.sign(&message),
+            signer: Signer::Node(c.cert.clone()),
+        };
+        assert!(matches!(
+            ann.verify(&ctx(&c, Some(&c.node_cidrs))),
+            Err(TrustError::UnusableWireGuardKey { .. })
+        ));
+        // A small-order identity key (the Edwards identity point, y = 1)
+        // cannot be certified or verified.
+        let mut identity_point = [0u8; 32];
+        identity_point[0] = 1;
+        assert!(matches!(
+            c.ca.certify("n1", identity_point, 0, 1),
+            Err(TrustError::WeakIdentityKey { .. })
+        ));
+        // An authority key that is not a valid point is a configuration error.
+        let mut cx = ctx(&c, Some(&c.node_cidrs));
+        cx.authority = identity_point;
+        assert!(matches!(
+            signed(&c).verify(&cx),
+            Err(TrustError::InvalidAuthorityKey)
+        ));
+        // Too many CIDRs.
+        let mut b = body("n1");
+        b.pod_cidrs = (0..=MAX_CIDRS as u32)
+            .map(|i| IpNet::new(IpAddr::V4(Ipv4Addr::from(i << 8)), 24).unwrap())
+            .collect();
+        assert!(matches!(
+            SignedAnnouncement::sign_by_authority(b, &c.ca),
+            Err(TrustError::TooManyCidrs { .. })
+        ));
+    }
+
+    #[test]
+    fn node_names_validated() {
+        for good in ["n1", "node-1.example.com", "a", &"a".repeat(63)] {
+            validate_node_name(good).unwrap();
+        }
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62)
+        );
+        assert_eq!(long.len(), 254);
+        for bad in [
+            "",
+            "N1",
+            "n_1",
+            "-n1",
+            "n1-",
+            "a..b",
+            ".n1",
+            "n1/../x",
+            "n1\n",
+            "nœud",
+            &"a".repeat(64),
+            &long,
+        ] {
+            let err = validate_node_name(bad).unwrap_err();
+            assert!(matches!(err, TrustError::InvalidNodeName { .. }), "{bad:?}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+        let c = cluster("n1");
+        assert!(matches!(
+            c.ca.certify("Bad Name", c.id.public_key(), 0, 1),
+            Err(TrustError::InvalidNodeName { .. })
+        ));
+        // A verified-looking announcement for a bad name is refused up front.
+        let mut ann = signed(&c);
+        ann.body.node = "n1\u{1b}[31m".into();
+        let err = ann.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap_err();
+        assert!(matches!(err, TrustError::InvalidNodeName { .. }), "{err:?}");
+        assert!(!err.to_string().contains('\u{1b}'), "{err}");
+    }
+
+    #[test]
+    fn certificate_text_form_is_strict_and_never_panics() {
+        let c = cluster("n1");
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(c.cert.to_base64())
+            .unwrap();
+        let encode = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        // Every truncation is an error, not a panic.
+        for len in 0..blob.len() {
+            let err = NodeCertificate::from_base64(&encode(&blob[..len])).unwrap_err();
+            assert!(
+                matches!(err, TrustError::MalformedCertificate { .. }),
+                "{len}: {err:?}"
+            );
+        }
+        let mut long = blob.clone();
+        long.push(0);
+        let err = NodeCertificate::from_base64(&encode(&long)).unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
+        // Wrong domain: an announcement-tagged blob.
+        let mut wrong = blob.clone();
+        wrong[..ANNOUNCEMENT_DOMAIN.len()].copy_from_slice(ANNOUNCEMENT_DOMAIN);
+        let err = NodeCertificate::from_base64(&encode(&wrong)).unwrap_err();
+        assert!(err.to_string().contains("domain"), "{err}");
+        // A huge claimed name length.
+        let mut huge = CERTIFICATE_DOMAIN.to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(NodeCertificate::from_base64(&encode(&huge)).is_err());
+        // Non-UTF-8 name.
+        let mut bad_utf8 = CERTIFICATE_DOMAIN.to_vec();
+        bad_utf8.extend_from_slice(&2u32.to_be_bytes());
+        bad_utf8.extend_from_slice(&[0xff, 0xfe]);
+        bad_utf8.extend_from_slice(&[0; 32 + 16 + 64]);
+        let err = NodeCertificate::from_base64(&encode(&bad_utf8)).unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+        // Not base64.
+        assert!(matches!(
+            NodeCertificate::from_base64("not base64!"),
+            Err(TrustError::Base64 {
+                what: "certificate",
+                ..
+            })
+        ));
+        // Pseudo-random garbage of many lengths (xorshift, deterministic).
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..400 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let _ = NodeCertificate::from_base64(&encode(&bytes));
+            let mut tagged = CERTIFICATE_DOMAIN.to_vec();
+            tagged.extend_from_slice(&bytes);
+            let _ = NodeCertificate::from_base64(&encode(&tagged));
+        }
+        // A parsed but modified certificate still has to verify.
+        let mut modified = blob.clone();
+        let last = modified.len() - 1;
+        modified[last] ^= 1;
+        let parsed = NodeCertificate::from_base64(&encode(&modified)).unwrap();
+        assert!(matches!(
+            parsed.verify(&c.ca.public_key(), NOW, SKEW),
+            Err(TrustError::CertificateSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn signature_text_errors() {
+        assert!(matches!(
+            decode_signature("!!"),
+            Err(TrustError::Base64 {
+                what: "signature",
+                ..
+            })
+        ));
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 63]);
+        let err = decode_signature(&short).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TrustError::Length {
+                    what: "signature",
+                    len: 63,
+                    expected: 64
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn secrets_never_shown() {
+        let c = cluster("n1");
+        let ann = signed(&c);
+        let id_seed = encode_key(&c.id.to_seed());
+        let ca_seed = encode_key(&c.ca.to_seed());
+        let mut texts = vec![format!(
+            "{ann:?} {ann:#?} {:?} {:?} {:?}",
+            c.cert, c.id, c.ca
+        )];
+        let mut cx = ctx(&c, Some(&[]));
+        cx.accepted_generation = Some(99);
+        let mut t = ann.clone();
+        t.signature[0] ^= 1;
+        for err in [
+            ann.verify(&cx).unwrap_err(),
+            t.verify(&ctx(&c, Some(&c.node_cidrs))).unwrap_err(),
+            ann.verify(&ctx(&c, Some(&[]))).unwrap_err(),
+            SignedAnnouncement::sign_by_node(body("n1"), &IdentityKey::generate(), c.cert.clone())
+                .unwrap_err(),
+        ] {
+            texts.push(format!("{err} {err:?}"));
+        }
+        for text in texts {
+            assert!(!text.contains(&id_seed), "{text}");
+            assert!(!text.contains(&ca_seed), "{text}");
+        }
+    }
+
+    #[test]
+    fn unix_now_is_recent() {
+        // 2023-11-14 (1.7e9): any machine running this is later.
+        assert!(unix_now() > 1_700_000_000);
+    }
+}
