@@ -649,6 +649,7 @@ fn corrupt(path: &Path, problem: impl Into<String>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     fn store() -> (tempfile::TempDir, KeyStore) {
         let tmp = tempfile::tempdir().unwrap();
@@ -846,5 +847,316 @@ mod tests {
         let (_tmp, ks) = store();
         fs::create_dir_all(ks.path(KeyKind::WireGuard)).unwrap();
         assert!(ks.load_or_generate_wireguard().is_err());
+    }
+
+    fn pub_of(stored: &StoredKey<WireGuardPrivateKey>) -> [u8; 32] {
+        stored.key.public_key()
+    }
+
+    #[test]
+    fn identity_key_generated_once_with_private_mode() {
+        let (_tmp, ks) = store();
+        assert!(ks.load_identity().unwrap().is_none());
+        let first = ks.load_or_generate_identity().unwrap();
+        assert_eq!(first.generation, 1);
+        let again = KeyStore::new(ks.dir()).load_or_generate_identity().unwrap();
+        assert_eq!(again.key.public_key(), first.key.public_key());
+        let path = ks.path(KeyKind::Identity);
+        assert_eq!(path.file_name().unwrap(), "identity.key");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(ks.dir()), 0o700);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("kind=ed25519-node-identity\n"), "{text}");
+        // The identity key does not disturb the WireGuard key and vice versa.
+        let wg = ks.load_or_generate_wireguard().unwrap();
+        assert_eq!(
+            ks.load_or_generate_identity().unwrap().key.public_key(),
+            first.key.public_key()
+        );
+        assert_eq!(pub_of(&ks.load_wireguard().unwrap().unwrap()), pub_of(&wg));
+        // Loose permissions are refused for identity keys too.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            ks.load_or_generate_identity(),
+            Err(Error::Permissions { mode: 0o644, .. })
+        ));
+    }
+
+    #[test]
+    fn authority_never_overwritten() {
+        let (_tmp, ks) = store();
+        assert!(ks.load_authority().unwrap().is_none());
+        let ca = ks.generate_authority().unwrap();
+        assert_eq!(ca.generation, 1);
+        let path = ks.path(KeyKind::Authority);
+        assert_eq!(mode(&path), 0o600);
+        let before = fs::read(&path).unwrap();
+        let err = ks.generate_authority().unwrap_err();
+        assert!(
+            matches!(&err, Error::AuthorityExists { path: p } if p == &path),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert_eq!(
+            ks.load_authority().unwrap().unwrap().key.public_key(),
+            ca.key.public_key()
+        );
+        assert_eq!(entries(ks.dir()), vec!["authority.key"]);
+    }
+
+    #[test]
+    fn key_kinds_cannot_be_swapped() {
+        let (_tmp, ks) = store();
+        ks.load_or_generate_identity().unwrap();
+        ks.load_or_generate_wireguard().unwrap();
+        // An identity key copied into the authority's place is refused, as is
+        // a WireGuard key in the identity's place.
+        fs::copy(ks.path(KeyKind::Identity), ks.path(KeyKind::Authority)).unwrap();
+        let err = ks.load_authority().unwrap_err();
+        assert!(
+            err.to_string().contains("kind `ed25519-node-identity`"),
+            "{err}"
+        );
+        fs::copy(ks.path(KeyKind::WireGuard), ks.path(KeyKind::Identity)).unwrap();
+        let err = ks.load_or_generate_identity().unwrap_err();
+        assert!(err.to_string().contains("kind `x25519`"), "{err}");
+    }
+
+    #[test]
+    fn rotation_round_trip() {
+        let (_tmp, ks) = store();
+        let first = ks.load_or_generate_wireguard().unwrap();
+        assert!(ks.load_previous_wireguard().unwrap().is_none());
+
+        let (old, new) = ks.rotate_wireguard().unwrap();
+        assert_eq!((old.generation, new.generation), (1, 2));
+        assert_eq!(pub_of(&old), pub_of(&first));
+        assert_ne!(pub_of(&new), pub_of(&old));
+        // Persisted: a fresh store object (an agent restarted during the
+        // grace period) sees the new key and still has the old one.
+        let reopened = KeyStore::new(ks.dir());
+        let current = reopened.load_or_generate_wireguard().unwrap();
+        assert_eq!((current.generation, pub_of(&current)), (2, pub_of(&new)));
+        let previous = reopened.load_previous_wireguard().unwrap().unwrap();
+        assert_eq!((previous.generation, pub_of(&previous)), (1, pub_of(&old)));
+        assert_eq!(*previous.key.to_bytes(), *first.key.to_bytes());
+        assert_eq!(mode(&ks.path(KeyKind::WireGuardPrevious)), 0o600);
+        assert_eq!(mode(&ks.path(KeyKind::WireGuard)), 0o600);
+
+        // A second rotation retires generation 1 and keeps generation 2.
+        let (old2, new2) = ks.rotate_wireguard().unwrap();
+        assert_eq!((old2.generation, new2.generation), (2, 3));
+        assert_eq!(pub_of(&old2), pub_of(&new));
+        let previous = ks.load_previous_wireguard().unwrap().unwrap();
+        assert_eq!((previous.generation, pub_of(&previous)), (2, pub_of(&new)));
+
+        // Forgetting ends the grace period; forgetting twice is harmless.
+        assert!(ks.forget_previous_wireguard().unwrap());
+        assert!(ks.load_previous_wireguard().unwrap().is_none());
+        assert!(!ks.forget_previous_wireguard().unwrap());
+        assert_eq!(ks.load_wireguard().unwrap().unwrap().generation, 3);
+        // Only the key and the lock file remain: no temporary files.
+        assert_eq!(entries(ks.dir()), vec![".lock", "wireguard.key"]);
+    }
+
+    #[test]
+    fn rotation_needs_a_key_and_a_free_generation() {
+        let (_tmp, ks) = store();
+        let err = ks.rotate_wireguard().unwrap_err();
+        assert!(matches!(err, Error::NothingToRotate { .. }), "{err:?}");
+        assert!(ks.load_wireguard().unwrap().is_none());
+
+        let top = StoredKey {
+            key: WireGuardPrivateKey::generate(),
+            generation: u64::MAX,
+        };
+        ks.store_wireguard(&top).unwrap();
+        assert!(matches!(
+            ks.rotate_wireguard(),
+            Err(Error::GenerationOverflow { .. })
+        ));
+        let still = ks.load_wireguard().unwrap().unwrap();
+        assert_eq!((still.generation, pub_of(&still)), (u64::MAX, pub_of(&top)));
+        assert!(ks.load_previous_wireguard().unwrap().is_none());
+    }
+
+    #[test]
+    fn failed_rotation_changes_nothing() {
+        let (_tmp, ks) = store();
+        let first = ks.load_or_generate_wireguard().unwrap();
+        // Step 2 cannot replace a non-empty directory: the rotation fails
+        // after the new key was staged.
+        let previous = ks.path(KeyKind::WireGuardPrevious);
+        fs::create_dir_all(previous.join("blocker")).unwrap();
+        assert!(ks.rotate_wireguard().is_err());
+        let current = ks.load_wireguard().unwrap().unwrap();
+        assert_eq!((current.generation, pub_of(&current)), (1, pub_of(&first)));
+        // The staged new key was removed.
+        assert_eq!(
+            entries(ks.dir()),
+            vec![".lock", "wireguard.key", "wireguard.previous.key"]
+        );
+        fs::remove_dir_all(&previous).unwrap();
+        let (old, new) = ks.rotate_wireguard().unwrap();
+        assert_eq!((old.generation, new.generation), (1, 2));
+    }
+
+    #[test]
+    fn rotation_interrupted_before_the_switch() {
+        let (_tmp, ks) = store();
+        let first = ks.load_or_generate_wireguard().unwrap();
+        let (_, second) = ks.rotate_wireguard().unwrap();
+        // The state a crash between steps 2 and 3 of the next rotation leaves:
+        // the previous file already holds the current key.
+        fs::copy(
+            ks.path(KeyKind::WireGuard),
+            ks.path(KeyKind::WireGuardPrevious),
+        )
+        .unwrap();
+        let current = ks.load_or_generate_wireguard().unwrap();
+        assert_eq!((current.generation, pub_of(&current)), (2, pub_of(&second)));
+        // The copy is not reported as a previous key (it is the current one).
+        assert!(ks.load_previous_wireguard().unwrap().is_none());
+        assert_ne!(pub_of(&current), pub_of(&first));
+        // Rotating again from that state works and keeps generation 2.
+        let (old, new) = ks.rotate_wireguard().unwrap();
+        assert_eq!((old.generation, new.generation), (2, 3));
+        let previous = ks.load_previous_wireguard().unwrap().unwrap();
+        assert_eq!(pub_of(&previous), pub_of(&second));
+    }
+
+    #[test]
+    fn lost_current_key_regenerates_above_previous() {
+        let (_tmp, ks) = store();
+        ks.load_or_generate_wireguard().unwrap();
+        ks.rotate_wireguard().unwrap();
+        ks.rotate_wireguard().unwrap();
+        fs::remove_file(ks.path(KeyKind::WireGuard)).unwrap();
+        // Peers accepted generation 3; a fresh key must not look like a rollback.
+        let fresh = ks.load_or_generate_wireguard().unwrap();
+        assert_eq!(fresh.generation, 3);
+        assert!(ks.load_previous_wireguard().unwrap().is_some());
+    }
+
+    #[test]
+    fn concurrent_rotations_lose_no_generation() {
+        const THREADS: u64 = 4;
+        const EACH: u64 = 5;
+        let (_tmp, ks) = store();
+        ks.load_or_generate_wireguard().unwrap();
+        let results: Vec<(u64, u64)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let ks = KeyStore::new(ks.dir());
+                    scope.spawn(move || {
+                        (0..EACH)
+                            .map(|_| {
+                                let (old, new) = ks.rotate_wireguard().unwrap();
+                                (old.generation, new.generation)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let mut news: Vec<u64> = results.iter().map(|&(_, new)| new).collect();
+        news.sort_unstable();
+        assert_eq!(news, (2..=THREADS * EACH + 1).collect::<Vec<_>>());
+        assert!(results.iter().all(|&(old, new)| new == old + 1));
+        assert_eq!(
+            ks.load_wireguard().unwrap().unwrap().generation,
+            THREADS * EACH + 1
+        );
+        assert_eq!(
+            ks.load_previous_wireguard().unwrap().unwrap().generation,
+            THREADS * EACH
+        );
+        assert_eq!(
+            entries(ks.dir()),
+            vec![".lock", "wireguard.key", "wireguard.previous.key"]
+        );
+    }
+
+    #[test]
+    fn stored_keys_debug_hides_secrets() {
+        let (_tmp, ks) = store();
+        let wg = ks.load_or_generate_wireguard().unwrap();
+        let (old, new) = ks.rotate_wireguard().unwrap();
+        let id = ks.load_or_generate_identity().unwrap();
+        let ca = ks.generate_authority().unwrap();
+        let shown = format!("{wg:?} {old:?} {new:?} {id:?} {ca:?}");
+        for secret in [
+            wg.key.to_base64(),
+            new.key.to_base64(),
+            Zeroizing::new(encode_key(&id.key.to_seed())),
+            Zeroizing::new(encode_key(&ca.key.to_seed())),
+        ] {
+            assert!(!shown.contains(secret.as_str()), "{shown}");
+        }
+    }
+
+    #[test]
+    fn public_key_file_round_trip_and_checks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("authority.pub");
+        let ca = AuthorityKey::generate();
+        write_public_key_file(&path, &ca.public_key()).unwrap();
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(read_public_key_file(&path).unwrap(), ca.public_key());
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains(&encode_key(&ca.public_key())), "{text}");
+        assert!(!text.contains(&encode_key(&ca.to_seed())), "{text}");
+        // Overwriting is atomic and leaves no temporary file.
+        write_public_key_file(&path, &ca.public_key()).unwrap();
+        assert_eq!(entries(tmp.path()), vec!["authority.pub"]);
+
+        // A trust root others can modify is refused.
+        for bad in [0o664, 0o646, 0o666] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(bad)).unwrap();
+            let err = read_public_key_file(&path).unwrap_err();
+            assert!(
+                matches!(&err, Error::TrustRootWritable { mode, .. } if *mode == bad),
+                "{err:?}"
+            );
+        }
+
+        let case = |body: &str, expect: &str| {
+            fs::write(&path, body).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            let err = read_public_key_file(&path).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+            assert!(msg.contains(expect), "{msg} lacks {expect}");
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+        };
+        let key = encode_key(&ca.public_key());
+        case("", "no key in file");
+        case("# only a comment\n\n", "no key in file");
+        case(&format!("{key}\n{key}\n"), "line 2: more than one key");
+        case("garbage!\n", "line 1");
+        case(
+            &base64::engine::general_purpose::STANDARD.encode([1u8; 16]),
+            "expected 32",
+        );
+        // The Edwards identity point is a small-order key.
+        let mut identity_point = [0u8; 32];
+        identity_point[0] = 1;
+        case(
+            &encode_key(&identity_point),
+            "not a valid Ed25519 public key",
+        );
+        case(&"#".repeat(5000), "larger than");
+        // Comments and blank lines around the key are fine.
+        fs::write(&path, format!("# ca\n\n  {key}  \n# end\n")).unwrap();
+        assert_eq!(read_public_key_file(&path).unwrap(), ca.public_key());
+        assert!(matches!(
+            read_public_key_file(&tmp.path().join("missing.pub")),
+            Err(Error::Io { op: "open", .. })
+        ));
     }
 }
