@@ -48,6 +48,13 @@
 //!    authority-signed (external) peer must not share its name with a Node:
 //!    its allowed IPs are vouched for by the authority alone.
 //!
+//! What stays with the caller: the object carrying the announcement (a
+//! `VeilNode`) must be named `body.node`; the accepted generation is tracked
+//! per node name, so a replayed announcement from an earlier identity key
+//! (still within its certificate's validity) cannot roll the node back; and
+//! external peers' allowed IPs must not overlap cluster pod CIDRs (a
+//! cluster-wide check this per-announcement function cannot make).
+//!
 //! # Canonical signed bytes
 //!
 //! Signatures cover a deterministic encoding, never serde output: a domain
