@@ -1,20 +1,33 @@
-//! Veil key management: WireGuard (X25519) keys, their storage and generations.
+//! Veil key management: WireGuard (X25519) keys and their rotation, Ed25519
+//! node identity and cluster authority keys, node certificates and signed
+//! node announcements (the trust model is documented in `trust.rs`).
 //!
 //! Secrets live in types that zeroize on drop and never print themselves.
 //! Storage is one small versioned text file per key kind in a private
 //! directory, written atomically so a crash never leaves a half-written key.
-//! Each stored key carries a generation number so that rotation (a later
-//! addition, as are Ed25519 identity keys) can tell old keys from new ones.
+//! Each stored key carries a generation number; rotation keeps the previous
+//! WireGuard key in its own file for the grace period.
+//!
+//! A pure library: no async runtime, no networking, no `unsafe`.
 #![forbid(unsafe_code)]
 
+mod identity;
 mod store;
+mod trust;
 
 use std::fmt;
 
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-pub use store::{KeyKind, KeyStore, StoredKey};
+pub use identity::{AuthorityKey, IdentityKey, SIGNATURE_LEN};
+pub use store::{read_public_key_file, write_public_key_file, KeyKind, KeyStore, StoredKey};
+pub use trust::{
+    decode_signature, encode_signature, normalize_cidrs, unix_now, validate_node_name,
+    AnnouncementBody, NodeCertificate, SignedAnnouncement, Signer, SignerKind, TrustError,
+    VerifyContext, ANNOUNCEMENT_DOMAIN, CERTIFICATE_DOMAIN, DEFAULT_CLOCK_SKEW_SECS, MAX_CIDRS,
+    MAX_NODE_NAME_LEN,
+};
 
 /// Length of an X25519 key (public or private) and of an Ed25519 seed.
 pub const KEY_LEN: usize = 32;
@@ -45,6 +58,21 @@ pub enum Error {
     },
     #[error("generation counter exhausted for {kind} key")]
     GenerationOverflow { kind: KeyKind },
+    #[error(
+        "{path}: a cluster authority key already exists; refusing to overwrite it \
+         (every node certificate depends on it)"
+    )]
+    AuthorityExists { path: std::path::PathBuf },
+    #[error("{path}: no {kind} key to rotate; start the agent once to create it")]
+    NothingToRotate {
+        path: std::path::PathBuf,
+        kind: KeyKind,
+    },
+    #[error(
+        "{path}: permissions {mode:04o} let group or others modify the trust root; \
+         fix with `chmod 644 {path}` and check the key with the operator"
+    )]
+    TrustRootWritable { path: std::path::PathBuf, mode: u32 },
 }
 
 /// Encodes a 32-byte key the way WireGuard tools print it (standard base64).
