@@ -143,7 +143,17 @@ fn enable_and_disable_keep_other_fields() {
         r.show()
     );
 
+    // A plain enable leaves the operator's strict choice alone...
     veilctl_ok(dir.path(), &["enable"]);
+    let cfg = read_config(dir.path());
+    assert_eq!(encryption(&cfg), (Some(true), Some(false)));
+    // ...and so does disable.
+    veilctl_ok(dir.path(), &["disable"]);
+    assert_eq!(
+        encryption(&read_config(dir.path())),
+        (Some(false), Some(false))
+    );
+    veilctl_ok(dir.path(), &["enable", "--strict", "true"]);
     let cfg = read_config(dir.path());
     assert_eq!(encryption(&cfg), (Some(true), Some(true)));
     assert_eq!(cluster_cidrs(&cfg), ["10.244.0.0/16"], "{cfg:?}");
@@ -197,6 +207,24 @@ fn config_defined_in_another_file_is_refused() {
             other.display()
         );
     }
+    // However the other file spells it (here: a quoted kind), what counts is
+    // what the agents' file source reads.
+    let dir = ClusterDir::new();
+    let quoted = dir.write_raw(
+        "quoted.yaml",
+        "apiVersion: \"veil.dev/v1alpha1\"\nkind: \"VeilClusterConfig\"\nmetadata: {name: default}\n\
+         spec:\n  encryption: {enabled: true}\n",
+    );
+    let r = veilctl(dir.path(), &["disable"]);
+    assert!(!r.ok, "disable must refuse:\n{}", r.show());
+    assert!(
+        r.stderr.contains(&quoted.display().to_string()),
+        "must name {}:\n{}",
+        quoted.display(),
+        r.show()
+    );
+    assert!(!dir.path().join(CONFIG_FILE).exists());
+
     // The same in a subdirectory (the file source reads those too).
     let dir = ClusterDir::new();
     let nested = dir.write_objects(

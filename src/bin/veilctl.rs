@@ -29,9 +29,10 @@ enum Command {
     Status,
     /// Turn encryption on cluster-wide.
     Enable {
-        /// Fail closed: never send remote pod traffic in plaintext (default).
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        strict: bool,
+        /// Fail closed: never send remote pod traffic in plaintext. Left as it
+        /// is when not given (on for a new config).
+        #[arg(long, action = clap::ArgAction::Set)]
+        strict: Option<bool>,
     },
     /// Turn encryption off cluster-wide.
     Disable,
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Status => status(&cli.cluster_dir),
         Command::Enable { strict } => set_encryption(&cli.cluster_dir, true, strict),
-        Command::Disable => set_encryption(&cli.cluster_dir, false, true),
+        Command::Disable => set_encryption(&cli.cluster_dir, false, None),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,13 +128,20 @@ fn render_status(state: &ClusterState) -> String {
     out
 }
 
-fn set_encryption(dir: &Path, enabled: bool, strict: bool) -> Result<(), String> {
+fn set_encryption(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("cluster dir {} is not a directory", dir.display()));
     }
     let path = dir.join(CONFIG_FILE);
     // The config may only be defined once; refuse to create a second definition.
-    if let Some(other) = config_defined_elsewhere(dir, &path) {
+    // Ask the file source itself where it found the config, so what counts
+    // here is exactly what the agents read.
+    let (state, _) = FileSource::new(dir).load();
+    let defined_in = state
+        .origins
+        .get(&format!("VeilClusterConfig/{CLUSTER_CONFIG_NAME}"))
+        .map(PathBuf::from);
+    if let Some(other) = defined_in.filter(|p| *p != path) {
         return Err(format!(
             "VeilClusterConfig/default is defined in {}; change it there (veilctl manages only {})",
             other.display(),
@@ -156,7 +164,8 @@ fn set_encryption(dir: &Path, enabled: bool, strict: bool) -> Result<(), String>
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     };
     config.spec.encryption.enabled = Some(enabled);
-    config.spec.encryption.strict = Some(strict);
+    // Written out explicitly, so the file says what is in force.
+    config.spec.encryption.strict = strict.or(config.spec.encryption.strict).or(Some(true));
     let yaml = serde_yaml::to_string(&config).map_err(|e| format!("encoding the config: {e}"))?;
     let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
     std::fs::write(&tmp, yaml).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
@@ -164,31 +173,12 @@ fn set_encryption(dir: &Path, enabled: bool, strict: bool) -> Result<(), String>
     println!(
         "encryption {} (strict {}) in {}",
         if enabled { "enabled" } else { "disabled" },
-        if strict { "on" } else { "off" },
+        if config.spec.encryption.strict.unwrap_or(true) {
+            "on"
+        } else {
+            "off"
+        },
         path.display()
     );
     Ok(())
-}
-
-/// Another YAML file under `dir` that defines a `VeilClusterConfig`.
-fn config_defined_elsewhere(dir: &Path, ours: &Path) -> Option<PathBuf> {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p != ours
-                && p.extension().is_some_and(|x| x == "yaml" || x == "yml")
-                && std::fs::read_to_string(&p)
-                    .is_ok_and(|s| s.lines().any(|l| l.trim() == "kind: VeilClusterConfig"))
-            {
-                return Some(p);
-            }
-        }
-    }
-    None
 }
