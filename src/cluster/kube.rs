@@ -67,9 +67,10 @@ pub enum Error {
         name.escape_debug()
     )]
     InvalidNodeName { name: String },
-    #[error("VeilNode/{node}: cannot serialize {what}: {source}")]
+    #[error("{object}: cannot serialize {what}: {source}")]
     Serialize {
-        node: String,
+        /// `Kind/name`.
+        object: String,
         what: &'static str,
         #[source]
         source: serde_json::Error,
@@ -80,9 +81,10 @@ pub enum Error {
         #[source]
         source: ::kube::Error,
     },
-    #[error("VeilNode/{node}: status patch failed: {source}")]
+    #[error("{object}: status patch failed: {source}")]
     Status {
-        node: String,
+        /// `Kind/name`.
+        object: String,
         #[source]
         source: ::kube::Error,
     },
@@ -571,7 +573,7 @@ impl KubeSource {
     pub async fn publish_announcement(&self, a: &Announcement) -> Result<(), Error> {
         check_name(&a.node)?;
         let body = serde_json::to_value(VeilNode::from(a)).map_err(|source| Error::Serialize {
-            node: a.node.clone(),
+            object: format!("{}/{}", VeilNode::KIND, a.node),
             what: "announcement",
             source,
         })?;
@@ -598,28 +600,44 @@ impl KubeSource {
         status: &S,
     ) -> Result<(), Error> {
         check_name(node)?;
+        self.apply_status(&veil_node_resource(), node, status).await
+    }
+
+    /// Sets `status` of the `VeilClusterConfig` named `default` (progress of
+    /// enabling: how many nodes are ready), like [`Self::patch_node_status`].
+    /// Every writer uses [`FIELD_MANAGER`]: whoever writes must compute the
+    /// same values from the same state, or elect one writer.
+    pub async fn patch_cluster_config_status<S: Serialize>(&self, status: &S) -> Result<(), Error> {
+        self.apply_status(&veil_cluster_config_resource(), CLUSTER_CONFIG_NAME, status)
+            .await
+    }
+
+    async fn apply_status<S: Serialize>(
+        &self,
+        resource: &ApiResource,
+        name: &str,
+        status: &S,
+    ) -> Result<(), Error> {
+        let object = format!("{}/{name}", resource.kind);
         let status = serde_json::to_value(status).map_err(|source| Error::Serialize {
-            node: node.into(),
+            object: object.clone(),
             what: "status",
             source,
         })?;
         let body = serde_json::json!({
-            "apiVersion": VeilNode::API_VERSION,
-            "kind": VeilNode::KIND,
-            "metadata": { "name": node },
+            "apiVersion": resource.api_version,
+            "kind": resource.kind,
+            "metadata": { "name": name },
             "status": status,
         });
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &veil_node_resource());
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), resource);
         api.patch_status(
-            node,
+            name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&body),
         )
         .await
-        .map_err(|source| Error::Status {
-            node: node.into(),
-            source,
-        })?;
+        .map_err(|source| Error::Status { object, source })?;
         Ok(())
     }
 }

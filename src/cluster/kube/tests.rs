@@ -792,6 +792,40 @@ impl ApiServerVerifier {
         let (result, ()) = tokio::join!(source.patch_node_status("n1", &status), server);
         result.expect("status patch");
 
+        let progress = json!({"nodesReady": 2, "nodes": 3});
+        let server = async {
+            let call = self
+                .next("PATCH veilclusterconfigs/default/status", |c| {
+                    c.verb == Verb::Patch
+                })
+                .await;
+            assert_eq!(
+                call.request.uri().path(),
+                "/apis/veil.dev/v1alpha1/veilclusterconfigs/default/status"
+            );
+            let body = check_apply(&call);
+            let (_, send) = (call.request, call.send);
+            let body = body.await;
+            assert_eq!(
+                body,
+                json!({
+                    "apiVersion": "veil.dev/v1alpha1",
+                    "kind": "VeilClusterConfig",
+                    "metadata": {"name": "default"},
+                    "status": progress,
+                })
+            );
+            // A status patch the server refuses is an error naming the object.
+            respond(send, StatusCode::NOT_FOUND, &status_body(404, "NotFound"));
+        };
+        let (result, ()) = tokio::join!(source.patch_cluster_config_status(&progress), server);
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::Status { .. }), "{err}");
+        assert!(
+            err.to_string().contains("VeilClusterConfig/default"),
+            "{err}"
+        );
+
         // Names that cannot be one path segment are refused before any request.
         for bad in ["", "a/b", ".."] {
             let err = source.patch_node_status(bad, &status).await.unwrap_err();
