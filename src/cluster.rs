@@ -5,6 +5,7 @@
 //! Everything here is plain data: no I/O.
 
 pub mod file;
+pub mod kube;
 pub mod objects;
 
 use std::collections::BTreeMap;
