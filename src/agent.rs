@@ -22,10 +22,11 @@ use ipnet::IpNet;
 use tracing::{debug, error, info, warn};
 
 use crate::cluster::file::FileSource;
-use crate::cluster::{Announcement, ClusterState, Diagnostic, PublicKey};
+use crate::cluster::trust::{self, Certificates};
+use crate::cluster::{Announcement, ClusterState, Diagnostic, NodeKeyStatus, PublicKey};
 use crate::datapath::{Datapath, DatapathConfig, EndpointValue, RemoteValue};
 use crate::netlink::{fallback, Netlink};
-use crate::reconcile::{self, Desired};
+use crate::reconcile::{self, Accepted, Desired, TrustContext};
 use crate::wireguard::{Engine, EngineConfig, PeerConfig};
 
 /// Underlay MTU minus the largest WireGuard overhead (IPv6 40 + UDP 8 + WireGuard 32).
@@ -44,7 +45,18 @@ pub struct Config {
     pub mtu: u16,
     /// Full resync period, on top of change notifications.
     pub resync: Duration,
+    /// File with the cluster authority's Ed25519 public key (the trust root).
+    pub authority_public_key: PathBuf,
+    /// Demo/test only: the authority's key store (`veilctl ca init --out`
+    /// dir, or its `authority.key`), so the agent certifies its own identity.
+    pub auto_approve_with: Option<PathBuf>,
 }
+
+/// How long a signed announcement is valid, and when it is re-signed.
+pub const ANNOUNCEMENT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+const RESIGN_BEFORE_EXPIRY: Duration = Duration::from_secs(12 * 3600);
+/// Validity of a certificate issued by auto-approve.
+pub const AUTO_APPROVE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,6 +82,16 @@ pub enum Error {
         #[source]
         source: crate::cluster::file::Error,
     },
+    #[error("cluster authority public key {path}: {source}")]
+    Authority {
+        path: PathBuf,
+        #[source]
+        source: keymgr::Error,
+    },
+    #[error("--auto-approve-with {path}: {problem}")]
+    AutoApprove { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Trust(#[from] trust::Error),
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -102,6 +124,42 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     disable_rp_filter(engine.tun_name());
 
+    let identity = store
+        .load_or_generate_identity()
+        .map_err(|source| Error::Keys {
+            dir: cfg.key_dir.clone(),
+            source,
+        })?
+        .key;
+    let authority = keymgr::read_public_key_file(&cfg.authority_public_key).map_err(|source| {
+        Error::Authority {
+            path: cfg.authority_public_key.clone(),
+            source,
+        }
+    })?;
+    let approver = match &cfg.auto_approve_with {
+        None => None,
+        Some(path) => Some(trust::load_authority(path).map_err(|e| Error::AutoApprove {
+            path: path.clone(),
+            problem: e.to_string(),
+        })?),
+    };
+    if let Some(a) = &approver {
+        if a.public_key() != authority {
+            return Err(Error::AutoApprove {
+                path: cfg.auto_approve_with.clone().unwrap_or_default(),
+                problem: "this authority key does not match --authority-public-key".into(),
+            });
+        }
+        warn!("auto-approve is on: this agent certifies its own identity (demo and tests only)");
+    }
+    let accepted = trust::load_accepted(&cfg.key_dir)?;
+    info!(
+        identity = %keymgr::encode_key(&identity.public_key()),
+        accepted = accepted.len(),
+        "node identity loaded"
+    );
+
     let mut datapath = Datapath::load()?;
     datapath.attach_tun(engine.tun_name())?;
     let netlink = Netlink::connect()?;
@@ -121,6 +179,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         attached: BTreeMap::new(),
         diagnostics: BTreeSet::new(),
         published: None,
+        identity,
+        authority,
+        approver,
+        generation: key.generation,
+        accepted,
+        signed: None,
+        cert_problem: None,
     };
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,13 +218,44 @@ struct Node {
     /// Problems currently reported, so each is logged once, not on every pass.
     diagnostics: BTreeSet<String>,
     published: Option<Announcement>,
+    identity: keymgr::IdentityKey,
+    authority: [u8; 32],
+    approver: Option<keymgr::AuthorityKey>,
+    /// Generation of the WireGuard key the engine uses.
+    generation: u64,
+    /// Per peer: the announcement last accepted (persisted in the key dir).
+    accepted: BTreeMap<String, Accepted>,
+    /// This node's current signed announcement (without status).
+    signed: Option<Announcement>,
+    /// Why there is no certificate, as last logged.
+    cert_problem: Option<String>,
 }
 
 impl Node {
     async fn reconcile(&mut self, state: &ClusterState, mut diags: Vec<Diagnostic>) {
-        let outcome = reconcile::desired(state, &self.cfg.node);
+        let outcome = reconcile::desired(
+            state,
+            &self.cfg.node,
+            &TrustContext {
+                authority: self.authority,
+                now: keymgr::unix_now(),
+                accepted: &self.accepted,
+            },
+        );
         diags.extend(outcome.diagnostics);
         self.report(diags);
+        if outcome.accepted != self.accepted {
+            for (name, a) in &outcome.accepted {
+                if self.accepted.get(name) != Some(a) {
+                    info!(peer = %name, key = %a.public_key, generation = a.generation, "accepted announcement");
+                }
+            }
+            match trust::store_accepted(&self.cfg.key_dir, &outcome.accepted) {
+                Ok(()) => self.accepted = outcome.accepted,
+                // Not remembering is safe for this run; retried next pass.
+                Err(e) => error!("persisting accepted announcements: {e}"),
+            }
+        }
         let desired = outcome.desired;
 
         self.announce(state, &desired);
@@ -190,18 +286,106 @@ impl Node {
         self.diagnostics = now;
     }
 
-    /// Publishes this node's announcement when it is missing or out of date.
+    /// Publishes this node's announcement when it is missing or out of
+    /// date: signed when a certificate for our identity exists (or
+    /// auto-approve issues one), otherwise a pending identity only.
     fn announce(&mut self, state: &ClusterState, desired: &Desired) {
         if !state.nodes.contains_key(&self.cfg.node) {
             warn!(node = %self.cfg.node, "no Node object for this node yet; not announcing");
             return;
         }
-        let want = Announcement {
+        let now = keymgr::unix_now();
+        let certs = Certificates::new(&self.cfg.cluster_dir);
+        let identity_key = self.identity.public_key();
+        let cert = match certs.valid_for(&self.cfg.node, &identity_key, &self.authority, now) {
+            Ok(c) => Some(c),
+            Err(why) => match &self.approver {
+                Some(authority) => {
+                    match certs.approve(
+                        authority,
+                        &self.cfg.node,
+                        identity_key,
+                        now,
+                        AUTO_APPROVE_VALIDITY,
+                    ) {
+                        Ok(c) => {
+                            info!(node = %self.cfg.node, "auto-approved this node's identity ({why})");
+                            Some(c)
+                        }
+                        Err(e) => {
+                            error!("auto-approve: {e}");
+                            None
+                        }
+                    }
+                }
+                None => {
+                    if self.cert_problem.as_ref() != Some(&why) {
+                        warn!("no usable certificate: {why}; announcing a pending identity until `veilctl node approve {}`", self.cfg.node);
+                        self.cert_problem = Some(why);
+                    }
+                    None
+                }
+            },
+        };
+        let base = Announcement {
             node: self.cfg.node.clone(),
             public_key: PublicKey(self.engine.public_key()),
             listen_port: self.engine.listen_port(),
-            pod_cidrs: desired.local_pod_cidrs.clone(),
+            pod_cidrs: keymgr::normalize_cidrs(&desired.local_pod_cidrs),
             endpoint: None,
+            ..Announcement::default()
+        };
+        let mut want = match cert {
+            Some(cert) => {
+                let reuse = self.signed.as_ref().filter(|s| {
+                    s.public_key == base.public_key
+                        && s.listen_port == base.listen_port
+                        && s.pod_cidrs == base.pod_cidrs
+                        && s.trust.generation == self.generation
+                        && s.trust.certificate.as_ref() == Some(&cert)
+                        && s.trust.not_after > now + RESIGN_BEFORE_EXPIRY.as_secs()
+                });
+                match reuse {
+                    Some(s) => s.clone(),
+                    None => {
+                        let mut body = base.body();
+                        body.generation = self.generation;
+                        // Back-dated by the skew tolerance so that peers with a
+                        // slow clock accept it at once.
+                        body.not_before = now.saturating_sub(keymgr::DEFAULT_CLOCK_SKEW_SECS);
+                        body.not_after = now + ANNOUNCEMENT_VALIDITY.as_secs();
+                        match keymgr::SignedAnnouncement::sign_by_node(body, &self.identity, cert) {
+                            Ok(signed) => {
+                                let a = Announcement::from_signed(&signed);
+                                self.signed = Some(a.clone());
+                                a
+                            }
+                            Err(e) => {
+                                error!("signing this node's announcement: {e}");
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                let mut pending = base;
+                pending.trust.identity_key = Some(identity_key);
+                pending
+            }
+        };
+        let key_since = match (&self.published, state.announcements.get(&self.cfg.node)) {
+            (Some(p), _) if p.public_key == want.public_key => p.status.key_since,
+            (_, Some(p)) if p.public_key == want.public_key => p.status.key_since,
+            _ => None,
+        };
+        want.status = NodeKeyStatus {
+            key_since: key_since.or(Some(now)),
+            peers: self
+                .accepted
+                .iter()
+                .map(|(n, a)| (n.clone(), a.generation))
+                .collect(),
         };
         let current = state.announcements.get(&self.cfg.node);
         if current == Some(&want) && self.published.as_ref() == Some(&want) {
@@ -210,7 +394,17 @@ impl Node {
         let source = FileSource::new(self.cfg.cluster_dir.clone());
         match source.publish_announcement(&want) {
             Ok(()) => {
-                info!(public_key = %want.public_key, port = want.listen_port, "announced this node");
+                if self.published.as_ref().map(|p| (&p.public_key, &p.trust))
+                    != Some((&want.public_key, &want.trust))
+                {
+                    info!(
+                        public_key = %want.public_key,
+                        port = want.listen_port,
+                        generation = want.trust.generation,
+                        signed = want.trust.signature.is_some(),
+                        "announced this node"
+                    );
+                }
                 self.published = Some(want);
             }
             Err(e) => error!("publishing this node's announcement: {e}"),
