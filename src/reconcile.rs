@@ -282,17 +282,6 @@ fn peers(
             }
         }
     }
-    // A node whose announcement vanished (being rewritten, or deleted by
-    // someone who cannot forge a new one) keeps its last accepted key.
-    for (name, prev) in trust.accepted {
-        if name != node
-            && !state.announcements.contains_key(name)
-            && (state.nodes.contains_key(name) || prev.external)
-        {
-            accepted_out.insert(name.clone(), prev.clone());
-        }
-    }
-
     let mut by_key: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
     // Our own key counts too: a peer claiming it must not get a peer entry.
     if let Some((name, own)) = state.announcements.get_key_value(node) {
@@ -369,7 +358,11 @@ fn peers(
     // External WireGuard peers: authority-signed, no Node object.
     let mut taken: Vec<(IpNet, String)> = Vec::new();
     for (name, acc) in accepted_out.iter() {
-        if !acc.external || state.nodes.contains_key(name) || name == node {
+        if !acc.external
+            || state.nodes.contains_key(name)
+            || name == node
+            || !state.announcements.contains_key(name)
+        {
             continue;
         }
         let object = format!("VeilNode/{name}");
@@ -428,6 +421,19 @@ fn peers(
                 allowed_ips,
             },
         );
+    }
+    // A withdrawn announcement withdraws the peer (strict mode then drops
+    // its traffic), but its record stays, so a replay of an older
+    // announcement is still refused as long as the node exists.
+    for (name, prev) in trust.accepted {
+        if name != node
+            && !state.announcements.contains_key(name)
+            && (state.nodes.contains_key(name) || prev.external)
+        {
+            accepted_out
+                .entry(name.clone())
+                .or_insert_with(|| prev.clone());
+        }
     }
 }
 
@@ -1160,13 +1166,15 @@ mod tests {
     }
 
     #[test]
-    fn vanished_announcement_keeps_accepted_key() {
+    fn withdrawn_announcement_keeps_only_the_record() {
         let s = three_nodes();
         let acc = desired(&s, "a").accepted;
         let mut t = s.clone();
         t.announcements.remove("b");
         let out = with_accepted(&t, "a", &acc);
-        assert_eq!(out.desired.peers["b"].public_key, key(2));
+        assert!(!out.desired.peers.contains_key("b"));
+        assert_eq!(out.desired.remote_cidrs[&net("10.244.2.0/24")].peer, None);
+        assert_eq!(out.accepted["b"], acc["b"]);
         // A node that left the cluster is forgotten.
         t.nodes.remove("b");
         let out = with_accepted(&t, "a", &acc);
