@@ -55,6 +55,30 @@ pub struct Config {
 /// How long a signed announcement is valid, and when it is re-signed.
 pub const ANNOUNCEMENT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 const RESIGN_BEFORE_EXPIRY: Duration = Duration::from_secs(12 * 3600);
+/// How long the previous WireGuard key keeps answering handshakes after a
+/// rotation: peers that have not yet read the new announcement (resync
+/// period plus a handshake) keep working meanwhile.
+pub const ROTATION_GRACE: Duration = Duration::from_secs(120);
+
+/// ADAPTER, to remove when the engine's hitless rotation (branch `rotate`:
+/// `Engine::rotate_key(new, grace)`) is merged: set this to `true` and make
+/// [`engine_rotate_key`] call it. Until then a rotation request is logged
+/// and not carried out, because switching the key with plain `set_peers`
+/// is impossible (the static key is fixed at `Engine::start`) and a restart
+/// of the engine would drop every session.
+const ENGINE_CAN_ROTATE: bool = false;
+
+/// See [`ENGINE_CAN_ROTATE`]. With the rotate branch merged the body is
+/// `engine.rotate_key(new.as_static_secret().clone(), grace); Ok(())`.
+fn engine_rotate_key(
+    engine: &Engine,
+    new: &keymgr::WireGuardPrivateKey,
+    grace: Duration,
+) -> Result<(), String> {
+    let _ = (engine, new, grace);
+    Err("this build's WireGuard engine cannot switch its static key in place".into())
+}
+
 /// Validity of a certificate issued by auto-approve.
 pub const AUTO_APPROVE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -186,6 +210,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         accepted,
         signed: None,
         cert_problem: None,
+        rotation_problem: None,
+        previous_until: None,
     };
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -229,6 +255,10 @@ struct Node {
     signed: Option<Announcement>,
     /// Why there is no certificate, as last logged.
     cert_problem: Option<String>,
+    /// Why a requested rotation was not done, as last logged.
+    rotation_problem: Option<String>,
+    /// When the previous WireGuard key stops being needed.
+    previous_until: Option<std::time::Instant>,
 }
 
 impl Node {
@@ -258,6 +288,7 @@ impl Node {
         }
         let desired = outcome.desired;
 
+        self.rotate_if_requested();
         self.announce(state, &desired);
         self.apply_peers(&desired);
         if let Err(e) = self.apply_datapath(&desired).await {
@@ -408,6 +439,66 @@ impl Node {
                 self.published = Some(want);
             }
             Err(e) => error!("publishing this node's announcement: {e}"),
+        }
+    }
+
+    /// Carries out `veilctl keys rotate`: when the requested generation is
+    /// above ours, rotate (keymgr keeps the old key for the grace period,
+    /// the engine keeps answering for it), and the next announcement
+    /// publishes the new key. After the grace period the old key is deleted.
+    fn rotate_if_requested(&mut self) {
+        let store = keymgr::KeyStore::new(&self.cfg.key_dir);
+        if self
+            .previous_until
+            .is_some_and(|t| std::time::Instant::now() >= t)
+        {
+            match store.forget_previous_wireguard() {
+                Ok(_) => self.previous_until = None,
+                Err(e) => error!("deleting the previous WireGuard key after its grace period: {e}"),
+            }
+        }
+        let want = match trust::read_rotation(&self.cfg.cluster_dir, &self.cfg.node) {
+            Ok(Some(g)) if g > self.generation => g,
+            Ok(_) => return,
+            Err(e) => {
+                self.rotation_note(format!("reading the rotation request: {e}"));
+                return;
+            }
+        };
+        if !ENGINE_CAN_ROTATE {
+            self.rotation_note(format!(
+                "rotation to generation {want} requested, but this build's engine cannot rotate without disruption; not rotating"
+            ));
+            return;
+        }
+        let (old, new) = match store.rotate_wireguard() {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.rotation_note(format!("rotating the WireGuard key: {e}"));
+                return;
+            }
+        };
+        if let Err(e) = engine_rotate_key(&self.engine, &new.key, ROTATION_GRACE) {
+            // The store already holds the new key; a restart would use it.
+            error!("switching the engine to the new key: {e}");
+            return;
+        }
+        self.generation = new.generation;
+        self.previous_until = Some(std::time::Instant::now() + ROTATION_GRACE);
+        self.rotation_problem = None;
+        info!(
+            old_generation = old.generation,
+            new_generation = new.generation,
+            public_key = %PublicKey(new.key.public_key()),
+            grace_secs = ROTATION_GRACE.as_secs(),
+            "rotated the WireGuard key"
+        );
+    }
+
+    fn rotation_note(&mut self, problem: String) {
+        if self.rotation_problem.as_ref() != Some(&problem) {
+            warn!("{problem}");
+            self.rotation_problem = Some(problem);
         }
     }
 
