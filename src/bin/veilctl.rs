@@ -758,3 +758,183 @@ fn config_defined_elsewhere(dir: &Path, ours: &Path) -> Option<PathBuf> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil::cluster::{AnnouncementTrust, NodeInfo, NodeKeyStatus};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("veilctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_parsing() {
+        let cli = parse(&["keys", "rotate", "--all", "--wait", "--timeout", "5"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys {
+                command: KeysCommand::Rotate {
+                    all: true,
+                    wait: true,
+                    timeout: 5,
+                    ..
+                }
+            }
+        ));
+        let cli = parse(&["keys", "rotate", "--node", "n1", "--node", "n2"]).unwrap();
+        match cli.command {
+            Command::Keys {
+                command: KeysCommand::Rotate { node, all, .. },
+            } => {
+                assert_eq!(node, vec!["n1", "n2"]);
+                assert!(!all);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Neither --node nor --all, or both: refused.
+        assert!(parse(&["keys", "rotate"]).is_err());
+        assert!(parse(&["keys", "rotate", "--all", "--node", "n1"]).is_err());
+        let cli = parse(&[
+            "peer",
+            "add",
+            "ext",
+            "--public-key",
+            "k",
+            "--endpoint",
+            "198.18.0.9:51820",
+            "--allowed-ips",
+            "10.250.0.0/24,10.251.0.0/24",
+            "--ca",
+            "/ca",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Peer {
+                command: PeerCommand::Add { allowed_ips, .. },
+            } => assert_eq!(allowed_ips.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&[
+            "peer",
+            "add",
+            "ext",
+            "--public-key",
+            "k",
+            "--endpoint",
+            "nope",
+            "--allowed-ips",
+            "10.0.0.0/8",
+            "--ca",
+            "/ca"
+        ])
+        .is_err());
+        assert!(parse(&["ca", "init"]).is_err(), "--out is required");
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (i, n) in ["n1", "n2"].iter().enumerate() {
+            s.nodes.insert(
+                n.to_string(),
+                NodeInfo {
+                    name: n.to_string(),
+                    pod_cidrs: vec![format!("10.244.{}.0/24", i + 1).parse().unwrap()],
+                    internal_ip: Some(format!("198.18.0.{}", i + 1).parse().unwrap()),
+                },
+            );
+            s.announcements.insert(
+                n.to_string(),
+                Announcement {
+                    node: n.to_string(),
+                    public_key: PublicKey([i as u8 + 1; 32]),
+                    listen_port: 51820,
+                    pod_cidrs: s.nodes[*n].pod_cidrs.clone(),
+                    endpoint: None,
+                    trust: AnnouncementTrust {
+                        generation: 2,
+                        signer: Some(keymgr::SignerKind::Node),
+                        ..Default::default()
+                    },
+                    status: NodeKeyStatus {
+                        key_since: Some(1000),
+                        peers: BTreeMap::new(),
+                    },
+                },
+            );
+        }
+        s.announcements.get_mut("n1").unwrap().status.peers = [("n2".to_string(), 2)].into();
+        s.announcements.get_mut("n2").unwrap().status.peers = [("n1".to_string(), 1)].into();
+        s
+    }
+
+    #[test]
+    fn keys_status_rendering() {
+        let s = state();
+        let mut verdicts = BTreeMap::new();
+        verdicts.insert("n1".to_string(), Ok(()));
+        verdicts.insert("n2".to_string(), Err("forged".to_string()));
+        let out = render_keys_status(&s, Some(&verdicts), 1060);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NODE"), "{out}");
+        // n1 is at generation 2, but n2 still uses generation 1 of n1's key.
+        assert!(lines[1].starts_with("n1"), "{out}");
+        assert!(lines[1].contains("60s"), "{out}");
+        assert!(lines[1].contains("0/1 (elsewhere: n2@1)"), "{out}");
+        assert!(
+            lines[2].starts_with("n2") && lines[2].contains("1/1"),
+            "{out}"
+        );
+        assert_eq!(lines[3], "  REJECTED: forged");
+        let (gen, switched, total, lagging) = rotation_progress(&s, "n1", 2);
+        assert_eq!((gen, switched, total), (2, 0, 1));
+        assert_eq!(lagging, vec!["n2"]);
+        assert_eq!(rotation_progress(&s, "n2", 2).1, 1);
+    }
+
+    #[test]
+    fn peer_config_and_external_checks() {
+        let mut s = state();
+        let me = Announcement {
+            node: "ext".into(),
+            public_key: PublicKey([9; 32]),
+            listen_port: 51999,
+            pod_cidrs: vec!["10.250.0.0/24".parse().unwrap()],
+            endpoint: Some("198.18.0.9:51999".parse().unwrap()),
+            ..Announcement::default()
+        };
+        s.announcements.get_mut("n2").unwrap().endpoint = Some("198.19.0.2:51000".parse().unwrap());
+        let out = render_peer_config(&s, &me, None);
+        assert!(out.contains("[Interface]\nPrivateKey = <this machine's private key; its public key must be CQkJ"), "{out}");
+        assert!(out.contains("ListenPort = 51999"), "{out}");
+        assert!(
+            out.contains(&format!(
+                "[Peer]\nPublicKey = {}\nEndpoint = 198.18.0.1:51820\nAllowedIPs = 10.244.1.0/24",
+                PublicKey([1; 32])
+            )),
+            "{out}"
+        );
+        assert!(out.contains("Endpoint = 198.19.0.2:51000"), "{out}");
+        let mut verdicts = BTreeMap::new();
+        verdicts.insert("n2".to_string(), Err("expired".to_string()));
+        let out = render_peer_config(&s, &me, Some(&verdicts));
+        assert!(
+            out.contains("# node n2: announcement rejected: expired"),
+            "{out}"
+        );
+        assert_eq!(out.matches("[Peer]").count(), 1, "{out}");
+
+        assert!(check_external(&s, "ext", &["10.250.0.0/24".parse().unwrap()]).is_ok());
+        let e = check_external(&s, "ext", &["10.244.0.0/16".parse().unwrap()]).unwrap_err();
+        assert!(
+            e.contains("overlaps pod CIDR 10.244.1.0/24 of Node/n1"),
+            "{e}"
+        );
+        assert!(
+            check_external(&s, "n1", &["10.250.0.0/24".parse().unwrap()])
+                .unwrap_err()
+                .contains("is a Node")
+        );
+        assert!(check_external(&s, "ext", &[]).is_err());
+    }
+}
