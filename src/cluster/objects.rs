@@ -820,4 +820,82 @@ status:
         assert_eq!(info.node_name.as_deref(), Some("n2"));
         assert_eq!(info.pod_ips, vec!["10.244.2.17".parse::<IpAddr>().unwrap()]);
     }
+
+    #[test]
+    fn signed_announcement_round_trips_through_yaml() {
+        let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+        let identity = keymgr::IdentityKey::from_seed([2; 32]);
+        let cert = authority
+            .certify("n1", identity.public_key(), 1_700_000_000, 1_800_000_000)
+            .unwrap();
+        let body = keymgr::AnnouncementBody {
+            node: "n1".into(),
+            wireguard_key: keymgr::WireGuardPrivateKey::from_bytes([3; 32]).public_key(),
+            generation: 7,
+            listen_port: 51820,
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            endpoint: None,
+            not_before: 1_750_000_000,
+            not_after: 1_750_086_400,
+        };
+        let signed = keymgr::SignedAnnouncement::sign_by_node(body, &identity, cert).unwrap();
+        let mut ann = Announcement::from_signed(&signed);
+        ann.status.key_since = Some(1_750_000_000);
+        ann.status.peers.insert("n2".into(), 3);
+        let text = serde_yaml::to_string(&VeilNode::from(&ann)).unwrap();
+        // Readable: every field on its own line, times as plain integers.
+        for field in [
+            "generation: 7",
+            "notBefore: 1750000000",
+            "notAfter: 1750086400",
+            "identityKey: ",
+            "certificate: ",
+            "signature: ",
+            "signer: Node",
+            "keySince: 1750000000",
+        ] {
+            assert!(text.contains(field), "{field} missing in:\n{text}");
+        }
+        let back = Announcement::try_from(&yaml::<VeilNode>(&text)).unwrap();
+        assert_eq!(back, ann);
+        assert_eq!(back.signed(), Some(signed));
+
+        // Pending: an identity key alone.
+        let mut pending = ann.clone();
+        pending.trust = AnnouncementTrust {
+            identity_key: Some(identity.public_key()),
+            ..AnnouncementTrust::default()
+        };
+        let back = Announcement::try_from(&VeilNode::from(&pending)).unwrap();
+        assert_eq!(back.signed(), None);
+        assert_eq!(back.trust.identity_key, Some(identity.public_key()));
+    }
+
+    #[test]
+    fn bad_trust_fields_name_the_field() {
+        let base = VeilNodeSpec {
+            public_key: keymgr::encode_key(&[9; 32]),
+            ..VeilNodeSpec::default()
+        };
+        let cases: [(fn(&mut VeilNodeSpec), &str); 4] = [
+            (
+                |s| s.identity_key = Some("short".into()),
+                "spec.identityKey",
+            ),
+            (|s| s.certificate = Some("AAAA".into()), "spec.certificate"),
+            (|s| s.signature = Some("!!".into()), "spec.signature"),
+            (
+                |s| s.signer = Some("Mallory".into()),
+                "spec.signer: `Mallory`",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut spec = base.clone();
+            mutate(&mut spec);
+            let err = Announcement::try_from(&VeilNode::new("n1", spec))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(field), "{err}");
+        }
+    }
 }
