@@ -877,7 +877,8 @@ status:
             public_key: keymgr::encode_key(&[9; 32]),
             ..VeilNodeSpec::default()
         };
-        let cases: [(fn(&mut VeilNodeSpec), &str); 4] = [
+        type Mutate = fn(&mut VeilNodeSpec);
+        let cases: [(Mutate, &str); 4] = [
             (
                 |s| s.identity_key = Some("short".into()),
                 "spec.identityKey",
