@@ -79,6 +79,17 @@ fn engine_rotate_key(
     Err("this build's WireGuard engine cannot switch its static key in place".into())
 }
 
+/// See [`ENGINE_CAN_ROTATE`]. With the rotate branch merged the body is
+/// `engine.set_previous_key(previous.as_static_secret().clone(), until); Ok(())`.
+fn engine_set_previous_key(
+    engine: &Engine,
+    previous: &keymgr::WireGuardPrivateKey,
+    until: std::time::SystemTime,
+) -> Result<(), String> {
+    let _ = (engine, previous, until);
+    Err("this build's WireGuard engine cannot answer for a previous key".into())
+}
+
 /// Validity of a certificate issued by auto-approve.
 pub const AUTO_APPROVE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -147,6 +158,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         "WireGuard engine up"
     );
     disable_rp_filter(engine.tun_name());
+    let previous_until = restore_previous_key(&store, &engine);
 
     let identity = store
         .load_or_generate_identity()
@@ -211,7 +223,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         signed: None,
         cert_problem: None,
         rotation_problem: None,
-        previous_until: None,
+        previous_until,
     };
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -636,6 +648,45 @@ pub fn remote_entries(desired: &Desired) -> BTreeMap<IpNet, RemoteValue> {
         out.insert(cidr.trunc(), value);
     }
     out
+}
+
+/// After a restart within a rotation's grace period, the engine keeps
+/// answering for the previous key until the grace period that began with the
+/// rotation (the previous key file's mtime) ends; a stale one is deleted.
+fn restore_previous_key(store: &keymgr::KeyStore, engine: &Engine) -> Option<std::time::Instant> {
+    let previous = match store.load_previous_wireguard() {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!("reading the previous WireGuard key: {e}");
+            return None;
+        }
+    };
+    let rotated_at = std::fs::metadata(store.path(keymgr::KeyKind::WireGuardPrevious))
+        .and_then(|m| m.modified())
+        .ok()?;
+    let until = rotated_at + ROTATION_GRACE;
+    let left = until.duration_since(std::time::SystemTime::now()).ok();
+    match left {
+        Some(left) if ENGINE_CAN_ROTATE => {
+            match engine_set_previous_key(engine, &previous.key, until) {
+                Ok(()) => {
+                    info!(
+                        generation = previous.generation,
+                        secs_left = left.as_secs(),
+                        "still answering handshakes for the previous WireGuard key"
+                    );
+                    Some(std::time::Instant::now() + left)
+                }
+                Err(e) => {
+                    warn!("restoring the previous WireGuard key: {e}");
+                    None
+                }
+            }
+        }
+        // Grace period over (or no engine support): the next pass deletes it.
+        _ => Some(std::time::Instant::now()),
+    }
 }
 
 /// Decrypted packets arrive on the TUN with pod source addresses that the
