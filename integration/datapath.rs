@@ -9,7 +9,7 @@ mod harness;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use harness::cluster::{node_object, pod_object, Announcement, ClusterDir};
+use harness::cluster::{node_object, pod_object, ClusterDir};
 use harness::fixture::Fixture;
 use harness::netns::require_root;
 use harness::poll_until;
@@ -228,13 +228,23 @@ fn interop_wireguard_go() {
     let n4 = f.topo.node(4);
     let iface = format!("{}wg", f.topo.prefix);
     let wg = WireguardGo::start(n4, &iface, WG_PORT, f.work());
-    f.dir.write_announcement(&Announcement {
-        node: n4.name.clone(),
-        public_key: wg.public_key.clone(),
-        listen_port: WG_PORT,
-        pod_cidrs: vec![n4.pod_cidr.clone()],
-        endpoint: None,
-    });
+    // Node 4 is not a cluster node but an external machine: no Node object,
+    // an announcement signed by the cluster authority (`veilctl peer add`).
+    f.dir.remove_node(&n4.name);
+    let endpoint = format!("{}:{WG_PORT}", n4.underlay_ip);
+    f.veilctl_ok(&[
+        "peer",
+        "add",
+        &n4.name,
+        "--public-key",
+        &wg.public_key,
+        "--endpoint",
+        &endpoint,
+        "--allowed-ips",
+        &n4.pod_cidr,
+        "--ca",
+        &f.ca().display().to_string(),
+    ]);
     f.start_agents(&[1, 2, 3], 1);
 
     // Configure wireguard-go from what the Veil agents announced, as an operator would.

@@ -22,10 +22,11 @@ use ipnet::IpNet;
 use tracing::{debug, error, info, warn};
 
 use crate::cluster::file::FileSource;
-use crate::cluster::{Announcement, ClusterState, Diagnostic, PublicKey};
+use crate::cluster::trust::{self, Certificates};
+use crate::cluster::{Announcement, ClusterState, Diagnostic, NodeKeyStatus, PublicKey};
 use crate::datapath::{Datapath, DatapathConfig, EndpointValue, RemoteValue};
 use crate::netlink::{fallback, Netlink};
-use crate::reconcile::{self, Desired};
+use crate::reconcile::{self, Accepted, Desired, TrustContext};
 use crate::wireguard::{Engine, EngineConfig, PeerConfig};
 
 /// Underlay MTU minus the largest WireGuard overhead (IPv6 40 + UDP 8 + WireGuard 32).
@@ -44,7 +45,53 @@ pub struct Config {
     pub mtu: u16,
     /// Full resync period, on top of change notifications.
     pub resync: Duration,
+    /// File with the cluster authority's Ed25519 public key (the trust root).
+    pub authority_public_key: PathBuf,
+    /// Demo/test only: the authority's key store (`veilctl ca init --out`
+    /// dir, or its `authority.key`), so the agent certifies its own identity.
+    pub auto_approve_with: Option<PathBuf>,
 }
+
+/// How long a signed announcement is valid, and when it is re-signed.
+pub const ANNOUNCEMENT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+const RESIGN_BEFORE_EXPIRY: Duration = Duration::from_secs(12 * 3600);
+/// How long the previous WireGuard key keeps answering handshakes after a
+/// rotation: peers that have not yet read the new announcement (resync
+/// period plus a handshake) keep working meanwhile.
+pub const ROTATION_GRACE: Duration = Duration::from_secs(120);
+
+/// ADAPTER, to remove when the engine's hitless rotation (branch `rotate`:
+/// `Engine::rotate_key(new, grace)`) is merged: set this to `true` and make
+/// [`engine_rotate_key`] call it. Until then a rotation request is logged
+/// and not carried out, because switching the key with plain `set_peers`
+/// is impossible (the static key is fixed at `Engine::start`) and a restart
+/// of the engine would drop every session.
+const ENGINE_CAN_ROTATE: bool = false;
+
+/// See [`ENGINE_CAN_ROTATE`]. With the rotate branch merged the body is
+/// `engine.rotate_key(new.as_static_secret().clone(), grace); Ok(())`.
+fn engine_rotate_key(
+    engine: &Engine,
+    new: &keymgr::WireGuardPrivateKey,
+    grace: Duration,
+) -> Result<(), String> {
+    let _ = (engine, new, grace);
+    Err("this build's WireGuard engine cannot switch its static key in place".into())
+}
+
+/// See [`ENGINE_CAN_ROTATE`]. With the rotate branch merged the body is
+/// `engine.set_previous_key(previous.as_static_secret().clone(), until); Ok(())`.
+fn engine_set_previous_key(
+    engine: &Engine,
+    previous: &keymgr::WireGuardPrivateKey,
+    until: std::time::SystemTime,
+) -> Result<(), String> {
+    let _ = (engine, previous, until);
+    Err("this build's WireGuard engine cannot answer for a previous key".into())
+}
+
+/// Validity of a certificate issued by auto-approve.
+pub const AUTO_APPROVE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,6 +117,16 @@ pub enum Error {
         #[source]
         source: crate::cluster::file::Error,
     },
+    #[error("cluster authority public key {path}: {source}")]
+    Authority {
+        path: PathBuf,
+        #[source]
+        source: keymgr::Error,
+    },
+    #[error("--auto-approve-with {path}: {problem}")]
+    AutoApprove { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Trust(#[from] trust::Error),
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -101,6 +158,43 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         "WireGuard engine up"
     );
     disable_rp_filter(engine.tun_name());
+    let previous_until = restore_previous_key(&store, &engine);
+
+    let identity = store
+        .load_or_generate_identity()
+        .map_err(|source| Error::Keys {
+            dir: cfg.key_dir.clone(),
+            source,
+        })?
+        .key;
+    let authority = keymgr::read_public_key_file(&cfg.authority_public_key).map_err(|source| {
+        Error::Authority {
+            path: cfg.authority_public_key.clone(),
+            source,
+        }
+    })?;
+    let approver = match &cfg.auto_approve_with {
+        None => None,
+        Some(path) => Some(trust::load_authority(path).map_err(|e| Error::AutoApprove {
+            path: path.clone(),
+            problem: e.to_string(),
+        })?),
+    };
+    if let Some(a) = &approver {
+        if a.public_key() != authority {
+            return Err(Error::AutoApprove {
+                path: cfg.auto_approve_with.clone().unwrap_or_default(),
+                problem: "this authority key does not match --authority-public-key".into(),
+            });
+        }
+        warn!("auto-approve is on: this agent certifies its own identity (demo and tests only)");
+    }
+    let accepted = trust::load_accepted(&cfg.key_dir)?;
+    info!(
+        identity = %keymgr::encode_key(&identity.public_key()),
+        accepted = accepted.len(),
+        "node identity loaded"
+    );
 
     let mut datapath = Datapath::load()?;
     datapath.attach_tun(engine.tun_name())?;
@@ -121,6 +215,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         attached: BTreeMap::new(),
         diagnostics: BTreeSet::new(),
         published: None,
+        identity,
+        authority,
+        approver,
+        generation: key.generation,
+        accepted,
+        signed: None,
+        cert_problem: None,
+        rotation_problem: None,
+        previous_until,
     };
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,15 +256,51 @@ struct Node {
     /// Problems currently reported, so each is logged once, not on every pass.
     diagnostics: BTreeSet<String>,
     published: Option<Announcement>,
+    identity: keymgr::IdentityKey,
+    authority: [u8; 32],
+    approver: Option<keymgr::AuthorityKey>,
+    /// Generation of the WireGuard key the engine uses.
+    generation: u64,
+    /// Per peer: the announcement last accepted (persisted in the key dir).
+    accepted: BTreeMap<String, Accepted>,
+    /// This node's current signed announcement (without status).
+    signed: Option<Announcement>,
+    /// Why there is no certificate, as last logged.
+    cert_problem: Option<String>,
+    /// Why a requested rotation was not done, as last logged.
+    rotation_problem: Option<String>,
+    /// When the previous WireGuard key stops being needed.
+    previous_until: Option<std::time::Instant>,
 }
 
 impl Node {
     async fn reconcile(&mut self, state: &ClusterState, mut diags: Vec<Diagnostic>) {
-        let outcome = reconcile::desired(state, &self.cfg.node);
+        let outcome = reconcile::desired(
+            state,
+            &self.cfg.node,
+            &TrustContext {
+                authority: self.authority,
+                now: keymgr::unix_now(),
+                accepted: &self.accepted,
+            },
+        );
         diags.extend(outcome.diagnostics);
         self.report(diags);
+        if outcome.accepted != self.accepted {
+            for (name, a) in &outcome.accepted {
+                if self.accepted.get(name) != Some(a) {
+                    info!(peer = %name, key = %a.public_key, generation = a.generation, "accepted announcement");
+                }
+            }
+            match trust::store_accepted(&self.cfg.key_dir, &outcome.accepted) {
+                Ok(()) => self.accepted = outcome.accepted,
+                // Not remembering is safe for this run; retried next pass.
+                Err(e) => error!("persisting accepted announcements: {e}"),
+            }
+        }
         let desired = outcome.desired;
 
+        self.rotate_if_requested();
         self.announce(state, &desired);
         self.apply_peers(&desired);
         if let Err(e) = self.apply_datapath(&desired).await {
@@ -190,18 +329,106 @@ impl Node {
         self.diagnostics = now;
     }
 
-    /// Publishes this node's announcement when it is missing or out of date.
+    /// Publishes this node's announcement when it is missing or out of
+    /// date: signed when a certificate for our identity exists (or
+    /// auto-approve issues one), otherwise a pending identity only.
     fn announce(&mut self, state: &ClusterState, desired: &Desired) {
         if !state.nodes.contains_key(&self.cfg.node) {
             warn!(node = %self.cfg.node, "no Node object for this node yet; not announcing");
             return;
         }
-        let want = Announcement {
+        let now = keymgr::unix_now();
+        let certs = Certificates::new(&self.cfg.cluster_dir);
+        let identity_key = self.identity.public_key();
+        let cert = match certs.valid_for(&self.cfg.node, &identity_key, &self.authority, now) {
+            Ok(c) => Some(c),
+            Err(why) => match &self.approver {
+                Some(authority) => {
+                    match certs.approve(
+                        authority,
+                        &self.cfg.node,
+                        identity_key,
+                        now,
+                        AUTO_APPROVE_VALIDITY,
+                    ) {
+                        Ok(c) => {
+                            info!(node = %self.cfg.node, "auto-approved this node's identity ({why})");
+                            Some(c)
+                        }
+                        Err(e) => {
+                            error!("auto-approve: {e}");
+                            None
+                        }
+                    }
+                }
+                None => {
+                    if self.cert_problem.as_ref() != Some(&why) {
+                        warn!("no usable certificate: {why}; announcing a pending identity until `veilctl node approve {}`", self.cfg.node);
+                        self.cert_problem = Some(why);
+                    }
+                    None
+                }
+            },
+        };
+        let base = Announcement {
             node: self.cfg.node.clone(),
             public_key: PublicKey(self.engine.public_key()),
             listen_port: self.engine.listen_port(),
-            pod_cidrs: desired.local_pod_cidrs.clone(),
+            pod_cidrs: keymgr::normalize_cidrs(&desired.local_pod_cidrs),
             endpoint: None,
+            ..Announcement::default()
+        };
+        let mut want = match cert {
+            Some(cert) => {
+                let reuse = self.signed.as_ref().filter(|s| {
+                    s.public_key == base.public_key
+                        && s.listen_port == base.listen_port
+                        && s.pod_cidrs == base.pod_cidrs
+                        && s.trust.generation == self.generation
+                        && s.trust.certificate.as_ref() == Some(&cert)
+                        && s.trust.not_after > now + RESIGN_BEFORE_EXPIRY.as_secs()
+                });
+                match reuse {
+                    Some(s) => s.clone(),
+                    None => {
+                        let mut body = base.body();
+                        body.generation = self.generation;
+                        // Back-dated by the skew tolerance so that peers with a
+                        // slow clock accept it at once.
+                        body.not_before = now.saturating_sub(keymgr::DEFAULT_CLOCK_SKEW_SECS);
+                        body.not_after = now + ANNOUNCEMENT_VALIDITY.as_secs();
+                        match keymgr::SignedAnnouncement::sign_by_node(body, &self.identity, cert) {
+                            Ok(signed) => {
+                                let a = Announcement::from_signed(&signed);
+                                self.signed = Some(a.clone());
+                                a
+                            }
+                            Err(e) => {
+                                error!("signing this node's announcement: {e}");
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                let mut pending = base;
+                pending.trust.identity_key = Some(identity_key);
+                pending
+            }
+        };
+        let key_since = match (&self.published, state.announcements.get(&self.cfg.node)) {
+            (Some(p), _) if p.public_key == want.public_key => p.status.key_since,
+            (_, Some(p)) if p.public_key == want.public_key => p.status.key_since,
+            _ => None,
+        };
+        want.status = NodeKeyStatus {
+            key_since: key_since.or(Some(now)),
+            peers: self
+                .accepted
+                .iter()
+                .map(|(n, a)| (n.clone(), a.generation))
+                .collect(),
         };
         let current = state.announcements.get(&self.cfg.node);
         if current == Some(&want) && self.published.as_ref() == Some(&want) {
@@ -210,10 +437,80 @@ impl Node {
         let source = FileSource::new(self.cfg.cluster_dir.clone());
         match source.publish_announcement(&want) {
             Ok(()) => {
-                info!(public_key = %want.public_key, port = want.listen_port, "announced this node");
+                if self.published.as_ref().map(|p| (&p.public_key, &p.trust))
+                    != Some((&want.public_key, &want.trust))
+                {
+                    info!(
+                        public_key = %want.public_key,
+                        port = want.listen_port,
+                        generation = want.trust.generation,
+                        signed = want.trust.signature.is_some(),
+                        "announced this node"
+                    );
+                }
                 self.published = Some(want);
             }
             Err(e) => error!("publishing this node's announcement: {e}"),
+        }
+    }
+
+    /// Carries out `veilctl keys rotate`: when the requested generation is
+    /// above ours, rotate (keymgr keeps the old key for the grace period,
+    /// the engine keeps answering for it), and the next announcement
+    /// publishes the new key. After the grace period the old key is deleted.
+    fn rotate_if_requested(&mut self) {
+        let store = keymgr::KeyStore::new(&self.cfg.key_dir);
+        if self
+            .previous_until
+            .is_some_and(|t| std::time::Instant::now() >= t)
+        {
+            match store.forget_previous_wireguard() {
+                Ok(_) => self.previous_until = None,
+                Err(e) => error!("deleting the previous WireGuard key after its grace period: {e}"),
+            }
+        }
+        let want = match trust::read_rotation(&self.cfg.cluster_dir, &self.cfg.node) {
+            Ok(Some(g)) if g > self.generation => g,
+            Ok(_) => return,
+            Err(e) => {
+                self.rotation_note(format!("reading the rotation request: {e}"));
+                return;
+            }
+        };
+        if !ENGINE_CAN_ROTATE {
+            self.rotation_note(format!(
+                "rotation to generation {want} requested, but this build's engine cannot rotate without disruption; not rotating"
+            ));
+            return;
+        }
+        let (old, new) = match store.rotate_wireguard() {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.rotation_note(format!("rotating the WireGuard key: {e}"));
+                return;
+            }
+        };
+        if let Err(e) = engine_rotate_key(&self.engine, &new.key, ROTATION_GRACE) {
+            // The store already holds the new key; a restart would use it.
+            error!("switching the engine to the new key: {e}");
+            return;
+        }
+        self.generation = new.generation;
+        self.previous_until = Some(std::time::Instant::now() + ROTATION_GRACE);
+        self.rotation_problem = None;
+        info!(
+            old_generation = old.generation,
+            new_generation = new.generation,
+            public_key = %PublicKey(new.key.public_key()),
+            grace_secs = ROTATION_GRACE.as_secs(),
+            "rotated the WireGuard key"
+        );
+    }
+
+    fn rotation_note(&mut self, problem: String) {
+        if self.rotation_problem.as_ref() != Some(&problem) {
+            warn!("{problem}");
+            self.rotation_problem = Some(problem);
         }
     }
 
@@ -351,6 +648,45 @@ pub fn remote_entries(desired: &Desired) -> BTreeMap<IpNet, RemoteValue> {
         out.insert(cidr.trunc(), value);
     }
     out
+}
+
+/// After a restart within a rotation's grace period, the engine keeps
+/// answering for the previous key until the grace period that began with the
+/// rotation (the previous key file's mtime) ends; a stale one is deleted.
+fn restore_previous_key(store: &keymgr::KeyStore, engine: &Engine) -> Option<std::time::Instant> {
+    let previous = match store.load_previous_wireguard() {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!("reading the previous WireGuard key: {e}");
+            return None;
+        }
+    };
+    let rotated_at = std::fs::metadata(store.path(keymgr::KeyKind::WireGuardPrevious))
+        .and_then(|m| m.modified())
+        .ok()?;
+    let until = rotated_at + ROTATION_GRACE;
+    let left = until.duration_since(std::time::SystemTime::now()).ok();
+    match left {
+        Some(left) if ENGINE_CAN_ROTATE => {
+            match engine_set_previous_key(engine, &previous.key, until) {
+                Ok(()) => {
+                    info!(
+                        generation = previous.generation,
+                        secs_left = left.as_secs(),
+                        "still answering handshakes for the previous WireGuard key"
+                    );
+                    Some(std::time::Instant::now() + left)
+                }
+                Err(e) => {
+                    warn!("restoring the previous WireGuard key: {e}");
+                    None
+                }
+            }
+        }
+        // Grace period over (or no engine support): the next pass deletes it.
+        _ => Some(std::time::Instant::now()),
+    }
 }
 
 /// Decrypted packets arrive on the TUN with pod source addresses that the

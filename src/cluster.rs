@@ -7,6 +7,7 @@
 pub mod file;
 pub mod kube;
 pub mod objects;
+pub mod trust;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 /// A WireGuard (X25519) public key, as raw bytes.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PublicKey(pub [u8; 32]);
 
 impl fmt::Debug for PublicKey {
@@ -64,7 +65,7 @@ pub struct NamespaceInfo {
 }
 
 /// A node's `VeilNode` announcement: what its peers need to reach it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Announcement {
     /// The node this announcement speaks for (`metadata.name`).
     pub node: String,
@@ -73,6 +74,96 @@ pub struct Announcement {
     pub pod_cidrs: Vec<IpNet>,
     /// Explicit endpoint; when absent, peers use the Node's InternalIP and `listen_port`.
     pub endpoint: Option<SocketAddr>,
+    /// Who vouches for it: signature, certificate, validity (all empty for
+    /// an unsigned or pending announcement, which receivers refuse).
+    pub trust: AnnouncementTrust,
+    /// What the announcing agent reports about its peers (`status`).
+    pub status: NodeKeyStatus,
+}
+
+/// The signed part of an announcement beyond the routing fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AnnouncementTrust {
+    /// Generation of the announced WireGuard key (0: not given).
+    pub generation: u64,
+    /// Validity of the announcement, seconds since the Unix epoch.
+    pub not_before: u64,
+    pub not_after: u64,
+    /// The node's Ed25519 identity public key. Alone (no certificate, no
+    /// signature) it marks a node waiting for `veilctl node approve`.
+    pub identity_key: Option<[u8; 32]>,
+    pub signer: Option<keymgr::SignerKind>,
+    pub certificate: Option<keymgr::NodeCertificate>,
+    pub signature: Option<[u8; keymgr::SIGNATURE_LEN]>,
+}
+
+/// `status` of a `VeilNode`: which keys the node and its peers use. Not
+/// signed: it only feeds progress displays (`veilctl keys status`), never
+/// routing decisions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeKeyStatus {
+    /// When the node's current WireGuard key was first announced (unix seconds).
+    pub key_since: Option<u64>,
+    /// Per peer name: the generation of that peer's key this node uses.
+    pub peers: BTreeMap<String, u64>,
+}
+
+impl Announcement {
+    /// The announcement as keymgr verifies it, if it carries a signature
+    /// (and, for a node signer, a certificate).
+    pub fn signed(&self) -> Option<keymgr::SignedAnnouncement> {
+        let t = &self.trust;
+        let signer = match (t.signer?, &t.certificate) {
+            (keymgr::SignerKind::Node, Some(cert)) => keymgr::Signer::Node(cert.clone()),
+            (keymgr::SignerKind::Node, None) => return None,
+            (keymgr::SignerKind::Authority, _) => keymgr::Signer::Authority,
+        };
+        Some(keymgr::SignedAnnouncement {
+            body: self.body(),
+            signer,
+            signature: t.signature?,
+        })
+    }
+
+    /// The fields a signature covers.
+    pub fn body(&self) -> keymgr::AnnouncementBody {
+        keymgr::AnnouncementBody {
+            node: self.node.clone(),
+            wireguard_key: self.public_key.0,
+            generation: self.trust.generation,
+            listen_port: self.listen_port,
+            pod_cidrs: self.pod_cidrs.clone(),
+            endpoint: self.endpoint,
+            not_before: self.trust.not_before,
+            not_after: self.trust.not_after,
+        }
+    }
+
+    /// An announcement carrying `signed` (as produced by keymgr).
+    pub fn from_signed(signed: &keymgr::SignedAnnouncement) -> Self {
+        let b = &signed.body;
+        let (certificate, identity_key) = match &signed.signer {
+            keymgr::Signer::Node(c) => (Some(c.clone()), Some(c.identity_key)),
+            keymgr::Signer::Authority => (None, None),
+        };
+        Announcement {
+            node: b.node.clone(),
+            public_key: PublicKey(b.wireguard_key),
+            listen_port: b.listen_port,
+            pod_cidrs: b.pod_cidrs.clone(),
+            endpoint: b.endpoint,
+            trust: AnnouncementTrust {
+                generation: b.generation,
+                not_before: b.not_before,
+                not_after: b.not_after,
+                identity_key,
+                signer: Some(signed.signer.kind()),
+                certificate,
+                signature: Some(signed.signature),
+            },
+            status: NodeKeyStatus::default(),
+        }
+    }
 }
 
 /// The cluster-wide `VeilClusterConfig` named `default`.

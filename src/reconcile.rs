@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::cluster::{ClusterState, Diagnostic, PublicKey};
+use crate::cluster::{Announcement, ClusterState, Diagnostic, PublicKey};
 use crate::identity::{identity_for, Identity};
 
 /// One WireGuard peer: a remote node.
@@ -63,6 +63,44 @@ pub struct Desired {
 pub struct Outcome {
     pub desired: Desired,
     pub diagnostics: Vec<Diagnostic>,
+    /// What is now accepted per peer name: pass it back (and persist it) as
+    /// [`TrustContext::accepted`] next time.
+    pub accepted: BTreeMap<String, Accepted>,
+}
+
+/// The trust inputs of a reconcile: who may vouch for keys, the time, and
+/// what was accepted before (so that old announcements cannot be replayed).
+#[derive(Debug, Clone, Copy)]
+pub struct TrustContext<'a> {
+    /// The cluster authority's Ed25519 public key (from the install-time file).
+    pub authority: [u8; 32],
+    /// Seconds since the Unix epoch.
+    pub now: u64,
+    pub accepted: &'a BTreeMap<String, Accepted>,
+}
+
+/// The announcement last accepted for a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub public_key: PublicKey,
+    pub generation: u64,
+    /// `not_before` of the certificate it came with (0 for an external peer).
+    /// Orders re-certifications: a node whose key files were lost starts
+    /// again at generation 1 under a newer certificate.
+    pub cert_not_before: u64,
+    pub listen_port: u16,
+    pub endpoint: Option<SocketAddr>,
+    /// Authority-signed: an external WireGuard peer.
+    pub external: bool,
+    /// The announced CIDRs (an external peer's allowed IPs).
+    pub allowed_ips: Vec<IpNet>,
+}
+
+impl Accepted {
+    /// The rollback order: newer certificate first, then higher generation.
+    pub fn order(&self) -> (u64, u64) {
+        (self.cert_not_before, self.generation)
+    }
 }
 
 /// `Diagnostic::source` of problems found while reconciling: they concern
@@ -115,7 +153,10 @@ impl Diags<'_> {
 /// same way: of two overlapping pod CIDRs the node whose name sorts first
 /// keeps it; of two pods with the same IP the one whose `(namespace, name)`
 /// sorts first keeps it.
-pub fn desired(state: &ClusterState, node: &str) -> Outcome {
+///
+/// Only announcements that verify under `trust` give peers (see
+/// `keymgr::trust` for the rules, plus the rollback order of [`Accepted`]).
+pub fn desired(state: &ClusterState, node: &str, trust: &TrustContext<'_>) -> Outcome {
     let mut diags = Diags {
         list: Vec::new(),
         origins: &state.origins,
@@ -135,12 +176,22 @@ pub fn desired(state: &ClusterState, node: &str) -> Outcome {
     }
 
     let surviving = remote_cidrs(state, node, &mut d, &mut diags);
-    peers(state, node, &surviving, &mut d, &mut diags);
+    let mut accepted = BTreeMap::new();
+    peers(
+        state,
+        node,
+        &surviving,
+        trust,
+        &mut accepted,
+        &mut d,
+        &mut diags,
+    );
     endpoints(state, node, &surviving, &mut d, &mut diags);
 
     Outcome {
         desired: d,
         diagnostics: diags.list,
+        accepted,
     }
 }
 
@@ -201,19 +252,43 @@ fn peers(
     state: &ClusterState,
     node: &str,
     surviving: &BTreeMap<&str, Vec<IpNet>>,
+    trust: &TrustContext<'_>,
+    accepted_out: &mut BTreeMap<String, Accepted>,
     d: &mut Desired,
     diags: &mut Diags,
 ) {
-    let mut by_key: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
+    // Decide per announcement which key (if any) we trust for that name.
     for (name, ann) in &state.announcements {
-        if !state.nodes.contains_key(name) {
-            diags.push(
-                format!("VeilNode/{name}"),
-                format!("announcement for unknown node {name} (no Node object); ignored"),
-            );
+        if name == node {
             continue;
         }
-        by_key.entry(ann.public_key).or_default().push(name);
+        let object = format!("VeilNode/{name}");
+        match verify_announcement(state, name, ann, trust) {
+            Ok(a) => {
+                accepted_out.insert(name.clone(), a);
+            }
+            Err(reason) => {
+                let fallback = match trust.accepted.get(name) {
+                    Some(prev) => {
+                        accepted_out.insert(name.clone(), prev.clone());
+                        format!(
+                            "keeping the previously accepted key {} (generation {})",
+                            prev.public_key, prev.generation
+                        )
+                    }
+                    None => "no peer".into(),
+                };
+                diags.push(object, format!("rejected: {reason}; {fallback}"));
+            }
+        }
+    }
+    let mut by_key: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
+    // Our own key counts too: a peer claiming it must not get a peer entry.
+    if let Some((name, own)) = state.announcements.get_key_value(node) {
+        by_key.entry(own.public_key).or_default().push(name);
+    }
+    for (name, a) in accepted_out.iter() {
+        by_key.entry(a.public_key).or_default().push(name);
     }
     for (key, names) in &by_key {
         if names.len() > 1 {
@@ -235,8 +310,8 @@ fn peers(
             continue;
         }
         let object = format!("VeilNode/{name}");
-        let Some(ann) = state.announcements.get(name) else {
-            if d.encryption_enabled {
+        let Some(acc) = accepted_out.get(name) else {
+            if d.encryption_enabled && !state.announcements.contains_key(name) {
                 diags.push(
                     format!("Node/{name}"),
                     format!("no VeilNode announcement for {name} yet: no peer, its pod CIDRs have no encrypted path"),
@@ -244,22 +319,12 @@ fn peers(
             }
             continue;
         };
-        if by_key.get(&ann.public_key).is_some_and(|n| n.len() > 1) {
+        if by_key.get(&acc.public_key).is_some_and(|n| n.len() > 1) {
             continue; // diagnosed above
         }
-        if !keymgr::is_usable_public_key(&ann.public_key.0) {
-            diags.push(
-                object,
-                format!(
-                    "public key {} is a small-order point (all handshakes would share a zero secret); no peer",
-                    ann.public_key
-                ),
-            );
-            continue;
-        }
-        let endpoint = match (ann.endpoint, info.internal_ip) {
+        let endpoint = match (acc.endpoint, info.internal_ip) {
             (Some(endpoint), _) => endpoint,
-            (None, Some(ip)) => SocketAddr::new(ip, ann.listen_port),
+            (None, Some(ip)) => SocketAddr::new(ip, acc.listen_port),
             (None, None) => {
                 diags.push(
                     object,
@@ -268,40 +333,168 @@ fn peers(
                 continue;
             }
         };
-        let usable = surviving
+        // The signature bound the key to exactly the Node's CIDRs; of those,
+        // only the ones that survived the overlap checks are routed to it.
+        let allowed_ips: Vec<IpNet> = surviving
             .get(name.as_str())
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let mut allowed_ips = Vec::new();
-        for cidr in &ann.pod_cidrs {
-            if !info.pod_cidrs.contains(cidr) {
-                diags.push(
-                    object.clone(),
-                    format!(
-                        "claims pod CIDR {cidr}, which Node/{name} does not have ({}); not allowed",
-                        list(&info.pod_cidrs)
-                    ),
-                );
-            } else if usable.contains(cidr) {
-                allowed_ips.push(*cidr);
-            }
-            // else: the Node's CIDR lost an overlap, diagnosed already.
-        }
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
         for cidr in &allowed_ips {
             if let Some(remote) = d.remote_cidrs.get_mut(cidr) {
-                remote.peer = Some(ann.public_key);
+                remote.peer = Some(acc.public_key);
             }
         }
         d.peers.insert(
             name.clone(),
             PeerSpec {
                 node: name.clone(),
-                public_key: ann.public_key,
+                public_key: acc.public_key,
                 endpoint,
                 allowed_ips,
             },
         );
     }
+
+    // External WireGuard peers: authority-signed, no Node object.
+    let mut taken: Vec<(IpNet, String)> = Vec::new();
+    for (name, acc) in accepted_out.iter() {
+        if !acc.external
+            || state.nodes.contains_key(name)
+            || name == node
+            || !state.announcements.contains_key(name)
+        {
+            continue;
+        }
+        let object = format!("VeilNode/{name}");
+        if by_key.get(&acc.public_key).is_some_and(|n| n.len() > 1) {
+            continue;
+        }
+        let Some(endpoint) = acc.endpoint else {
+            diags.push(
+                object,
+                "external peer without spec.endpoint (it has no Node InternalIP to fall back on); no peer".into(),
+            );
+            continue;
+        };
+        let mut allowed_ips = Vec::new();
+        for cidr in &acc.allowed_ips {
+            let clash = state
+                .nodes
+                .values()
+                .flat_map(|n| {
+                    n.pod_cidrs
+                        .iter()
+                        .map(move |c| (c, format!("Node/{}", n.name)))
+                })
+                .chain(
+                    d.local_pod_cidrs
+                        .iter()
+                        .map(|c| (c, format!("Node/{node}"))),
+                )
+                .chain(taken.iter().map(|(c, n)| (c, format!("VeilNode/{n}"))))
+                .find(|(c, _)| overlaps(c, cidr));
+            if let Some((c, owner)) = clash {
+                diags.push(
+                    object.clone(),
+                    format!(
+                        "external peer's allowed IP {cidr} overlaps {c} of {owner}; not allowed"
+                    ),
+                );
+                continue;
+            }
+            taken.push((*cidr, name.clone()));
+            allowed_ips.push(*cidr);
+            d.remote_cidrs.insert(
+                *cidr,
+                RemoteCidr {
+                    node: name.clone(),
+                    peer: Some(acc.public_key),
+                },
+            );
+        }
+        d.peers.insert(
+            name.clone(),
+            PeerSpec {
+                node: name.clone(),
+                public_key: acc.public_key,
+                endpoint,
+                allowed_ips,
+            },
+        );
+    }
+    // A withdrawn announcement withdraws the peer (strict mode then drops
+    // its traffic), but its record stays, so a replay of an older
+    // announcement is still refused as long as the node exists.
+    for (name, prev) in trust.accepted {
+        if name != node
+            && !state.announcements.contains_key(name)
+            && (state.nodes.contains_key(name) || prev.external)
+        {
+            accepted_out
+                .entry(name.clone())
+                .or_insert_with(|| prev.clone());
+        }
+    }
+}
+
+/// Applies the trust model to one announcement; the reason on refusal.
+pub fn verify_announcement(
+    state: &ClusterState,
+    name: &str,
+    ann: &Announcement,
+    trust: &TrustContext<'_>,
+) -> Result<Accepted, String> {
+    let Some(signed) = ann.signed() else {
+        return Err(match ann.trust.identity_key {
+            Some(id) if ann.trust.signature.is_none() => format!(
+                "not signed yet: node identity {} is pending approval (`veilctl node approve {name}`)",
+                keymgr::encode_key(&id)
+            ),
+            _ => "not signed (spec.signature, spec.signer and, for a node, spec.certificate are required)".into(),
+        });
+    };
+    signed
+        .verify(&keymgr::VerifyContext {
+            authority: trust.authority,
+            now: trust.now,
+            skew: keymgr::DEFAULT_CLOCK_SKEW_SECS,
+            // The rollback rule below is stricter than keymgr's (it also
+            // orders by certificate), so keymgr's is not used.
+            accepted_generation: None,
+            node_pod_cidrs: state.nodes.get(name).map(|n| n.pod_cidrs.as_slice()),
+        })
+        .map_err(|e| e.to_string())?;
+    let (cert_not_before, external) = match &signed.signer {
+        keymgr::Signer::Node(cert) => (cert.not_before, false),
+        keymgr::Signer::Authority => (0, true),
+    };
+    let candidate = Accepted {
+        public_key: ann.public_key,
+        generation: signed.body.generation,
+        cert_not_before,
+        listen_port: ann.listen_port,
+        endpoint: ann.endpoint,
+        external,
+        allowed_ips: keymgr::normalize_cidrs(&ann.pod_cidrs),
+    };
+    if let Some(prev) = trust.accepted.get(name) {
+        let (new, old) = (candidate.order(), prev.order());
+        if new < old {
+            return Err(format!(
+                "rollback: (certificate not_before {}, generation {}) is older than the accepted \
+                 (certificate not_before {}, generation {}); a replayed announcement cannot bring back a retired key",
+                new.0, new.1, old.0, old.1
+            ));
+        }
+        if new == old && prev.public_key != candidate.public_key {
+            return Err(format!(
+                "generation {} with certificate not_before {} was already accepted with key {}; \
+                 a different key needs a higher generation",
+                new.1, new.0, prev.public_key
+            ));
+        }
+    }
+    Ok(candidate)
 }
 
 /// Fills `local_endpoints` and `ipcache` from the pods.
@@ -424,17 +617,80 @@ mod tests {
         );
     }
 
+    const NOW: u64 = 1_750_000_000;
+
+    fn authority() -> keymgr::AuthorityKey {
+        keymgr::AuthorityKey::from_seed([0xA0; 32])
+    }
+
+    fn identity(name: &str) -> keymgr::IdentityKey {
+        let mut seed = [0x11; 32];
+        for (i, b) in name.bytes().enumerate() {
+            seed[i % 32] ^= b;
+        }
+        keymgr::IdentityKey::from_seed(seed)
+    }
+
+    fn cert_from(
+        by: &keymgr::AuthorityKey,
+        name: &str,
+        not_before: u64,
+    ) -> keymgr::NodeCertificate {
+        by.certify(name, identity(name).public_key(), not_before, NOW + 100_000)
+            .unwrap()
+    }
+
+    /// Signs `a` as node `a.node` would, with a certificate issued at `cert_nb`.
+    fn sign_with(a: &Announcement, cert: keymgr::NodeCertificate) -> Announcement {
+        let mut body = a.body();
+        body.generation = body.generation.max(1);
+        body.not_before = NOW - 10;
+        body.not_after = NOW + 1000;
+        let signed =
+            keymgr::SignedAnnouncement::sign_by_node(body, &identity(&a.node), cert).unwrap();
+        Announcement::from_signed(&signed)
+    }
+
+    fn sign(a: &Announcement) -> Announcement {
+        sign_with(a, cert_from(&authority(), &a.node, NOW - 1000))
+    }
+
+    /// Re-signs `name`'s announcement after a test changed it.
+    fn resign(state: &mut ClusterState, name: &str) {
+        let a = sign(&state.announcements[name]);
+        state.announcements.insert(name.into(), a);
+    }
+
     fn announce(state: &mut ClusterState, name: &str, seed: u8, cidrs: &[&str]) {
-        state.announcements.insert(
-            name.into(),
-            Announcement {
-                node: name.into(),
-                public_key: key(seed),
-                listen_port: 51820,
-                pod_cidrs: cidrs.iter().map(|c| net(c)).collect(),
-                endpoint: None,
+        let a = Announcement {
+            node: name.into(),
+            public_key: key(seed),
+            listen_port: 51820,
+            pod_cidrs: cidrs.iter().map(|c| net(c)).collect(),
+            endpoint: None,
+            ..Announcement::default()
+        };
+        state.announcements.insert(name.into(), sign(&a));
+    }
+
+    fn with_accepted(
+        state: &ClusterState,
+        node: &str,
+        accepted: &BTreeMap<String, Accepted>,
+    ) -> Outcome {
+        super::desired(
+            state,
+            node,
+            &TrustContext {
+                authority: authority().public_key(),
+                now: NOW,
+                accepted,
             },
-        );
+        )
+    }
+
+    fn desired(state: &ClusterState, node: &str) -> Outcome {
+        with_accepted(state, node, &BTreeMap::new())
     }
 
     fn add_pod(state: &mut ClusterState, ns: &str, name: &str, node: &str, ip_s: &str, app: &str) {
@@ -475,6 +731,7 @@ mod tests {
         announce(&mut s, "b", 2, &["10.244.2.0/24", "fd00:10:244:2::/64"]);
         announce(&mut s, "c", 3, &["10.244.3.0/24"]);
         s.announcements.get_mut("c").unwrap().endpoint = Some("198.19.0.3:51999".parse().unwrap());
+        resign(&mut s, "c");
         add_pod(&mut s, "default", "pa", "a", "10.244.1.10", "web");
         add_pod(&mut s, "default", "pb", "b", "10.244.2.10", "web");
         add_pod(&mut s, "prod", "pc", "c", "10.244.3.10", "db");
@@ -621,6 +878,11 @@ mod tests {
             .unwrap()
             .pod_cidrs
             .push(net("fd00:20:0:1::/64"));
+        // The nodes announce what their Node objects say.
+        for n in ["b", "c"] {
+            s.announcements.get_mut(n).unwrap().pod_cidrs = s.nodes[n].pod_cidrs.clone();
+            resign(&mut s, n);
+        }
         // d claims exactly c's CIDR.
         add_node(&mut s, "d", &["10.244.3.0/24"], Some("198.18.0.4"));
         let out = desired(&s, "a");
@@ -636,8 +898,14 @@ mod tests {
         // d has no surviving CIDR and no announcement: no peer, nothing routed to it.
         assert!(!d.peers.contains_key("d"));
         assert!(d.remote_cidrs.values().all(|r| r.node != "d"));
-        // b did not announce fd00:20::/56: routed to b, but no peer serves it.
-        assert_eq!(d.remote_cidrs[&net("fd00:20::/56")].peer, None);
+        // c's lost CIDRs are not in its AllowedIPs; b's kept ones are in b's.
+        assert_eq!(d.remote_cidrs[&net("fd00:20::/56")].peer, Some(key(2)));
+        assert_eq!(
+            d.peers["c"].allowed_ips,
+            vec![net("10.244.3.0/24")],
+            "{:#?}",
+            d.peers
+        );
         // v4 and v6 never overlap each other.
         assert!(!overlaps(&net("0.0.0.0/0"), &net("::/0")));
     }
@@ -672,21 +940,28 @@ mod tests {
             .unwrap()
             .pod_cidrs
             .push(net("10.244.1.0/24")); // a's range: hijack attempt
+        resign(&mut s, "c");
         s.announcements.get_mut("b").unwrap().pod_cidrs = vec![net("10.244.2.0/24")];
+        resign(&mut s, "b");
         let out = desired(&s, "a");
         let d = &out.desired;
-        assert_eq!(d.peers["c"].allowed_ips, vec![net("10.244.3.0/24")]);
-        // b announced only its v4 range: v6 is routed to b but has no peer.
-        assert_eq!(d.peers["b"].allowed_ips, vec![net("10.244.2.0/24")]);
+        // The whole announcement is refused, not just the extra CIDR.
+        assert!(d.peers.is_empty(), "{:#?}", d.peers);
+        assert_eq!(d.remote_cidrs[&net("10.244.3.0/24")].peer, None);
         assert_eq!(d.remote_cidrs[&net("fd00:10:244:2::/64")].peer, None);
         let problems = only_problems(&out);
-        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems.len(), 2, "{problems:#?}");
         assert!(
             problems[0].starts_with(
-                "VeilNode/c: claims pod CIDR 10.244.1.0/24, which Node/c does not have"
+                "VeilNode/b: rejected: announcement for node `b` claims pod CIDRs that differ"
             ),
             "{problems:#?}"
         );
+        assert!(
+            problems[1].contains("not on the Node [10.244.1.0/24]"),
+            "{problems:#?}"
+        );
+        assert!(problems[1].ends_with("; no peer"), "{problems:#?}");
     }
 
     #[test]
@@ -695,14 +970,15 @@ mod tests {
         announce(&mut s, "ghost", 9, &["10.244.9.0/24"]);
         // c reuses b's key: neither gets a peer.
         s.announcements.get_mut("c").unwrap().public_key = key(2);
+        resign(&mut s, "c");
         let out = desired(&s, "a");
         assert!(out.desired.peers.is_empty(), "{:#?}", out.desired.peers);
         assert_eq!(out.desired.remote_cidrs[&net("10.244.2.0/24")].peer, None);
         let problems = only_problems(&out);
         assert!(
-            problems
-                .iter()
-                .any(|p| p.starts_with("VeilNode/ghost: announcement for unknown node ghost")),
+            problems.iter().any(|p| p.starts_with(
+                "VeilNode/ghost: rejected: announcement for node `ghost` has no Node object"
+            )),
             "{problems:#?}"
         );
         assert_eq!(
@@ -717,20 +993,251 @@ mod tests {
         // Another node announcing this node's own key is refused too.
         let mut s = three_nodes();
         s.announcements.get_mut("b").unwrap().public_key = key(1);
+        resign(&mut s, "b");
         let out = desired(&s, "a");
         assert!(!out.desired.peers.contains_key("b"));
         assert!(out.desired.peers.contains_key("c"));
 
-        // A small-order key.
+        // A small-order key (changed after signing: signers refuse it).
         let mut s = three_nodes();
         s.announcements.get_mut("b").unwrap().public_key = PublicKey([0; 32]);
         let out = desired(&s, "a");
         assert!(!out.desired.peers.contains_key("b"));
         assert!(
-            only_problems(&out)[0].contains("small-order"),
+            only_problems(&out)[0].starts_with("VeilNode/b: rejected"),
             "{:#?}",
             out.diagnostics
         );
+    }
+
+    fn problem_of(out: &Outcome, object: &str) -> String {
+        out.diagnostics
+            .iter()
+            .filter(|d| d.object == object)
+            .map(|d| d.problem.clone())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+
+    #[test]
+    fn forged_announcement_is_rejected() {
+        // Someone with write access to the store, but neither b's identity
+        // key nor the authority key, announces their own key for b.
+        let mut s = three_nodes();
+        let forger = keymgr::AuthorityKey::from_seed([0x66; 32]);
+        let mut forged = s.announcements["b"].clone();
+        forged.public_key = key(66);
+        s.announcements.insert(
+            "b".into(),
+            sign_with(&forged, cert_from(&forger, "b", NOW - 10)),
+        );
+        s.origins
+            .insert("VeilNode/b".into(), "/cluster/veilnodes/b.yaml".into());
+        let out = desired(&s, "a");
+        assert!(!out.desired.peers.contains_key("b"));
+        assert_eq!(out.desired.remote_cidrs[&net("10.244.2.0/24")].peer, None);
+        let d = out
+            .diagnostics
+            .iter()
+            .find(|d| d.object == "VeilNode/b")
+            .unwrap();
+        assert_eq!(d.source, "/cluster/veilnodes/b.yaml");
+        assert!(
+            d.problem.contains("not signed by the cluster authority"),
+            "{d}"
+        );
+        assert!(!out.accepted.contains_key("b"));
+
+        // With b's real key accepted before, traffic keeps going to it.
+        let good = desired(&three_nodes(), "a").accepted;
+        let out = with_accepted(&s, "a", &good);
+        assert_eq!(out.desired.peers["b"].public_key, key(2));
+        assert_eq!(
+            out.desired.remote_cidrs[&net("10.244.2.0/24")].peer,
+            Some(key(2))
+        );
+        assert!(problem_of(&out, "VeilNode/b").contains("keeping the previously accepted key"));
+        assert_eq!(out.accepted["b"], good["b"]);
+
+        // A signature copied from the real announcement does not cover a new key.
+        let mut s = three_nodes();
+        s.announcements.get_mut("b").unwrap().public_key = key(66);
+        let out = desired(&s, "a");
+        assert!(problem_of(&out, "VeilNode/b").contains("bad signature"));
+    }
+
+    #[test]
+    fn unsigned_and_pending_are_rejected() {
+        let mut s = three_nodes();
+        let b = s.announcements.get_mut("b").unwrap();
+        b.trust = Default::default();
+        b.trust.identity_key = Some(identity("b").public_key());
+        let c = s.announcements.get_mut("c").unwrap();
+        c.trust = Default::default();
+        let out = desired(&s, "a");
+        assert!(out.desired.peers.is_empty());
+        assert!(
+            problem_of(&out, "VeilNode/b").contains("pending approval (`veilctl node approve b`)")
+        );
+        assert!(problem_of(&out, "VeilNode/c").contains("not signed"));
+    }
+
+    #[test]
+    fn generation_rollback_and_recertification() {
+        let mut s = three_nodes();
+        let b = s.announcements["b"].clone();
+        let at = |gen: u64, seed: u8, cert_nb: u64| {
+            let mut a = b.clone();
+            a.trust.generation = gen;
+            a.public_key = key(seed);
+            sign_with(&a, cert_from(&authority(), "b", cert_nb))
+        };
+        // Accept generation 3.
+        s.announcements.insert("b".into(), at(3, 30, NOW - 1000));
+        let acc = desired(&s, "a").accepted;
+        assert_eq!(acc["b"].generation, 3);
+        // Same generation again (a re-publication): fine.
+        let out = with_accepted(&s, "a", &acc);
+        assert!(
+            problem_of(&out, "VeilNode/b").is_empty(),
+            "{:#?}",
+            out.diagnostics
+        );
+        // A replay of generation 2: refused, generation 3's key stays.
+        s.announcements.insert("b".into(), at(2, 20, NOW - 1000));
+        let out = with_accepted(&s, "a", &acc);
+        assert!(
+            problem_of(&out, "VeilNode/b").contains("rollback"),
+            "{:#?}",
+            out.diagnostics
+        );
+        assert_eq!(out.desired.peers["b"].public_key, key(30));
+        assert_eq!(out.accepted["b"].generation, 3);
+        // Generation 3 with another key: refused.
+        s.announcements.insert("b".into(), at(3, 31, NOW - 1000));
+        let out = with_accepted(&s, "a", &acc);
+        assert!(problem_of(&out, "VeilNode/b").contains("needs a higher generation"));
+        assert_eq!(out.desired.peers["b"].public_key, key(30));
+        // Generation 4: accepted.
+        s.announcements.insert("b".into(), at(4, 40, NOW - 1000));
+        let out = with_accepted(&s, "a", &acc);
+        assert_eq!(out.desired.peers["b"].public_key, key(40));
+        assert_eq!(out.accepted["b"].generation, 4);
+        // Key files lost, node re-certified: generation 1 under a newer certificate.
+        s.announcements.insert("b".into(), at(1, 10, NOW - 500));
+        let recert = with_accepted(&s, "a", &out.accepted);
+        assert!(
+            problem_of(&recert, "VeilNode/b").is_empty(),
+            "{:#?}",
+            recert.diagnostics
+        );
+        assert_eq!(recert.desired.peers["b"].public_key, key(10));
+        assert_eq!(recert.accepted["b"].order(), (NOW - 500, 1));
+        // ...after which the old certificate's generation 4 is a replay.
+        s.announcements.insert("b".into(), at(4, 40, NOW - 1000));
+        let replay = with_accepted(&s, "a", &recert.accepted);
+        assert!(problem_of(&replay, "VeilNode/b").contains("rollback"));
+        assert_eq!(replay.desired.peers["b"].public_key, key(10));
+    }
+
+    #[test]
+    fn expired_announcement_and_certificate() {
+        let mut s = three_nodes();
+        let mut b = s.announcements["b"].body();
+        b.not_before = NOW - 10_000;
+        b.not_after = NOW - keymgr::DEFAULT_CLOCK_SKEW_SECS - 1;
+        let signed = keymgr::SignedAnnouncement::sign_by_node(
+            b,
+            &identity("b"),
+            cert_from(&authority(), "b", NOW - 20_000),
+        )
+        .unwrap();
+        s.announcements
+            .insert("b".into(), Announcement::from_signed(&signed));
+        let c = authority()
+            .certify("c", identity("c").public_key(), NOW - 20_000, NOW - 10_000)
+            .unwrap();
+        let a = sign_with(&s.announcements["c"].clone(), c);
+        s.announcements.insert("c".into(), a);
+        let out = desired(&s, "a");
+        assert!(out.desired.peers.is_empty());
+        assert!(problem_of(&out, "VeilNode/b").contains("announcement for node `b` expired"));
+        assert!(problem_of(&out, "VeilNode/c").contains("certificate for node `c` expired"));
+    }
+
+    #[test]
+    fn withdrawn_announcement_keeps_only_the_record() {
+        let s = three_nodes();
+        let acc = desired(&s, "a").accepted;
+        let mut t = s.clone();
+        t.announcements.remove("b");
+        let out = with_accepted(&t, "a", &acc);
+        assert!(!out.desired.peers.contains_key("b"));
+        assert_eq!(out.desired.remote_cidrs[&net("10.244.2.0/24")].peer, None);
+        assert_eq!(out.accepted["b"], acc["b"]);
+        // A node that left the cluster is forgotten.
+        t.nodes.remove("b");
+        let out = with_accepted(&t, "a", &acc);
+        assert!(!out.desired.peers.contains_key("b"));
+        assert!(!out.accepted.contains_key("b"));
+    }
+
+    fn external(name: &str, seed: u8, cidrs: &[&str], endpoint: Option<&str>) -> Announcement {
+        let body = keymgr::AnnouncementBody {
+            node: name.into(),
+            wireguard_key: key(seed).0,
+            generation: 1,
+            listen_port: 51820,
+            pod_cidrs: cidrs.iter().map(|c| net(c)).collect(),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            not_before: NOW - 10,
+            not_after: NOW + 1000,
+        };
+        Announcement::from_signed(
+            &keymgr::SignedAnnouncement::sign_by_authority(body, &authority()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn external_peers() {
+        let mut s = three_nodes();
+        s.announcements.insert(
+            "ext".into(),
+            external("ext", 50, &["10.244.50.0/24"], Some("198.18.0.50:51820")),
+        );
+        // Claims b's pod CIDR: refused (the authority cannot hand out a node's addresses).
+        s.announcements.insert(
+            "ext-bad".into(),
+            external("ext-bad", 51, &["10.244.2.0/25"], Some("198.18.0.51:51820")),
+        );
+        // No endpoint: nothing to reach.
+        s.announcements.insert(
+            "ext-noep".into(),
+            external("ext-noep", 52, &["10.244.52.0/24"], None),
+        );
+        let out = desired(&s, "a");
+        let p = &out.desired.peers["ext"];
+        assert_eq!(p.allowed_ips, vec![net("10.244.50.0/24")]);
+        assert_eq!(p.endpoint, "198.18.0.50:51820".parse().unwrap());
+        assert_eq!(
+            out.desired.remote_cidrs[&net("10.244.50.0/24")].peer,
+            Some(key(50))
+        );
+        assert!(out.desired.peers["ext-bad"].allowed_ips.is_empty());
+        assert!(problem_of(&out, "VeilNode/ext-bad").contains("overlaps 10.244.2.0/24 of Node/b"));
+        assert!(!out.desired.peers.contains_key("ext-noep"));
+        assert!(problem_of(&out, "VeilNode/ext-noep").contains("without spec.endpoint"));
+        assert_eq!(out.desired.peers["b"].public_key, key(2));
+
+        // An authority-signed announcement for a cluster node's name is refused.
+        let mut s = three_nodes();
+        s.announcements.insert(
+            "b".into(),
+            external("b", 53, &["10.244.2.0/24"], Some("198.18.0.53:51820")),
+        );
+        let out = desired(&s, "a");
+        assert!(!out.desired.peers.contains_key("b"));
+        assert!(problem_of(&out, "VeilNode/b").contains("must not share a name"));
     }
 
     #[test]

@@ -11,6 +11,9 @@ use super::process::Bg;
 use super::topology::{Node, WG_PORT};
 
 pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_veil-agent");
+pub const VEILCTL_BIN: &str = env!("CARGO_BIN_EXE_veilctl");
+/// Where [`super::fixture::Fixture`] puts the cluster authority (`veilctl ca init`).
+pub const CA_DIR: &str = "ca";
 pub const TUN_NAME: &str = "veil0";
 
 /// One agent, run inside its node's namespace; SIGKILLed on drop, and its log is
@@ -26,6 +29,9 @@ pub struct Agent {
     pub uapi_name: String,
     log: PathBuf,
     proc: Option<Bg>,
+    /// The test's cluster authority directory: the agent trusts its public
+    /// key and auto-approves its own identity with it.
+    ca: PathBuf,
 }
 
 impl Agent {
@@ -43,9 +49,14 @@ impl Agent {
             uapi_name: node.ns.name().to_string(),
             log: work.join(format!("agent-{}.log", node.name)),
             proc: None,
+            ca: work.join(CA_DIR),
         };
         a.spawn();
         a
+    }
+
+    pub fn key_dir(&self) -> &Path {
+        &self.key_dir
     }
 
     pub fn uapi_socket(&self) -> PathBuf {
@@ -70,7 +81,11 @@ impl Agent {
             .arg(self.uapi_socket())
             .args(["--tun-name", TUN_NAME])
             .args(["--listen-port", &WG_PORT.to_string()])
-            .args(["--mtu", "1420"]);
+            .args(["--mtu", "1420"])
+            .arg("--authority-public-key")
+            .arg(self.ca.join("authority.pub"))
+            .arg("--auto-approve-with")
+            .arg(&self.ca);
         // Plain text logs: the tests search them for file and object names.
         cmd.env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {

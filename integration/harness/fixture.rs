@@ -32,6 +32,20 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `veilctl ca init --out dir`: the authority every agent of the test trusts.
+fn create_authority(dir: &Path) {
+    let out = std::process::Command::new(super::agent::VEILCTL_BIN)
+        .args(["ca", "init", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run veilctl ca init: {e}"));
+    assert!(
+        out.status.success(),
+        "veilctl ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Fixture {
     /// Builds the topology, writes the cluster directory and starts echo servers in
     /// every pod. No agents yet.
@@ -43,6 +57,7 @@ impl Fixture {
             .prefix("veil-test-")
             .tempdir()
             .unwrap_or_else(|e| panic!("create work dir: {e}"));
+        create_authority(&work.path().join(super::agent::CA_DIR));
         let mut servers = Servers::new();
         servers.start_all(&topo.pods, work.path());
         Self {
@@ -57,6 +72,35 @@ impl Fixture {
 
     pub fn work(&self) -> &Path {
         self.work.path()
+    }
+
+    /// The cluster authority directory (`veilctl ca init --out`).
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.work.path().join(super::agent::CA_DIR)
+    }
+
+    /// Runs `veilctl --cluster-dir DIR --authority-public-key CA/authority.pub ARGS`.
+    pub fn veilctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(super::agent::VEILCTL_BIN)
+            .arg("--cluster-dir")
+            .arg(self.dir.path())
+            .arg("--authority-public-key")
+            .arg(self.ca().join("authority.pub"))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run veilctl {args:?}: {e}"))
+    }
+
+    /// [`veilctl`](Self::veilctl), panicking unless it succeeds; its stdout.
+    pub fn veilctl_ok(&self, args: &[&str]) -> String {
+        let out = self.veilctl(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "veilctl {args:?} failed: {text}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Starts an agent on each node in `nodes` and waits until every one has

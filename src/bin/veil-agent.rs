@@ -43,6 +43,16 @@ struct Args {
     /// Full resync period in milliseconds, on top of change notifications.
     #[arg(long, env = "VEIL_RESYNC_MS", default_value_t = 2000)]
     resync_ms: u64,
+    /// The cluster authority's public key file (`veilctl ca init` writes
+    /// `authority.pub`). Required: it is the trust root for every peer's key,
+    /// and is never read from the cluster store.
+    #[arg(long, env = "VEIL_AUTHORITY_PUBLIC_KEY")]
+    authority_public_key: PathBuf,
+    /// DEMO AND TESTS ONLY: the authority's private key (a `veilctl ca init`
+    /// directory or its `authority.key`); the agent then certifies its own
+    /// identity, so anyone who can start an agent can join the cluster.
+    #[arg(long, env = "VEIL_AUTO_APPROVE_WITH")]
+    auto_approve_with: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -88,6 +98,8 @@ fn main() -> ExitCode {
         listen_port: args.listen_port,
         mtu: args.mtu,
         resync: Duration::from_millis(args.resync_ms.max(100)),
+        authority_public_key: args.authority_public_key,
+        auto_approve_with: args.auto_approve_with,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -2,13 +2,20 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
 use clap::{Parser, Subcommand};
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use veil::cluster::file::FileSource;
 use veil::cluster::objects::{
     VeilClusterConfig, VeilClusterConfigSpec, CLUSTER_CONFIG_NAME, VEIL_API_VERSION,
 };
-use veil::cluster::ClusterState;
+use veil::cluster::trust::{self as files, Certificates};
+use veil::cluster::{Announcement, ClusterState, PublicKey};
+use veil::reconcile::{verify_announcement, TrustContext};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,9 +26,16 @@ struct Cli {
     /// Directory of Kubernetes objects as YAML (the file cluster source).
     #[arg(long, env = "VEIL_CLUSTER_DIR", global = true, default_value = ".")]
     cluster_dir: PathBuf,
+    /// The cluster authority's public key file: lets `status`, `keys status`
+    /// and `peer config` check every announcement's signature.
+    #[arg(long, env = "VEIL_AUTHORITY_PUBLIC_KEY", global = true)]
+    authority_public_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// File name of the authority's public key in a `ca init` directory.
+const AUTHORITY_PUB: &str = "authority.pub";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -36,6 +50,94 @@ enum Command {
     },
     /// Turn encryption off cluster-wide.
     Disable,
+    /// The cluster authority (certifies node identities).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Node identities.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// External standard WireGuard machines.
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
+    /// WireGuard key generations and rotation.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create the authority key (DIR/authority.key, 0600) and its public key
+    /// (DIR/authority.pub), which every agent gets as --authority-public-key.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Certify the identity key node NAME published while pending.
+    Approve {
+        name: String,
+        /// The `ca init` directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PeerCommand {
+    /// Announce an external WireGuard machine, signed by the authority.
+    Add {
+        name: String,
+        /// Its WireGuard public key (`wg pubkey`).
+        #[arg(long)]
+        public_key: String,
+        /// Where Veil nodes reach it, IP:PORT.
+        #[arg(long)]
+        endpoint: SocketAddr,
+        /// The addresses it may send from and receives for (CIDR[,CIDR]).
+        #[arg(long, value_delimiter = ',', required = true)]
+        allowed_ips: Vec<IpNet>,
+        /// The `ca init` directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Announcement validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Print the wg-quick configuration the external machine NAME needs.
+    Config { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Ask agents to rotate their WireGuard keys.
+    Rotate {
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        node: Vec<String>,
+        #[arg(long)]
+        all: bool,
+        /// Show progress and return when every peer uses the new keys.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Each node's key generation, age, and which peers use which generation.
+    Status,
 }
 
 /// The file `veilctl` writes the cluster config to.
@@ -43,10 +145,44 @@ const CONFIG_FILE: &str = "veilclusterconfig.yaml";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let dir = cli.cluster_dir.as_path();
+    let authority = cli.authority_public_key.as_deref();
     let result = match cli.command {
-        Command::Status => status(&cli.cluster_dir),
-        Command::Enable { strict } => set_encryption(&cli.cluster_dir, true, strict),
-        Command::Disable => set_encryption(&cli.cluster_dir, false, None),
+        Command::Status => status(dir, authority),
+        Command::Enable { strict } => set_encryption(dir, true, strict),
+        Command::Disable => set_encryption(dir, false, None),
+        Command::Ca {
+            command: CaCommand::Init { out },
+        } => ca_init(&out),
+        Command::Node {
+            command: NodeCommand::Approve { name, ca, days },
+        } => node_approve(dir, &name, &ca, days),
+        Command::Peer {
+            command:
+                PeerCommand::Add {
+                    name,
+                    public_key,
+                    endpoint,
+                    allowed_ips,
+                    ca,
+                    days,
+                },
+        } => peer_add(dir, &name, &public_key, endpoint, &allowed_ips, &ca, days),
+        Command::Peer {
+            command: PeerCommand::Config { name },
+        } => peer_config(dir, &name, authority),
+        Command::Keys {
+            command:
+                KeysCommand::Rotate {
+                    node,
+                    all,
+                    wait,
+                    timeout,
+                },
+        } => keys_rotate(dir, &node, all, wait.then(|| Duration::from_secs(timeout))),
+        Command::Keys {
+            command: KeysCommand::Status,
+        } => keys_status(dir, authority),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,12 +193,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn status(dir: &Path) -> Result<(), String> {
-    if !dir.is_dir() {
-        return Err(format!("cluster dir {} is not a directory", dir.display()));
-    }
-    let (state, diags) = FileSource::new(dir).load();
+fn status(dir: &Path, authority: Option<&Path>) -> Result<(), String> {
+    let (state, mut diags) = load(dir)?;
     print!("{}", render_status(&state));
+    if let Some(path) = authority {
+        let authority = read_authority(path)?;
+        for (name, verdict) in verdicts(&state, &authority) {
+            if let Err(reason) = verdict {
+                let source = state
+                    .origins
+                    .get(&format!("VeilNode/{name}"))
+                    .cloned()
+                    .unwrap_or_else(|| "reconcile".into());
+                diags.push(veil::cluster::Diagnostic {
+                    source,
+                    object: format!("VeilNode/{name}"),
+                    problem: format!("rejected: {reason}"),
+                });
+            }
+        }
+    }
     if !diags.is_empty() {
         println!(
             "\nproblems ({}; the objects named are skipped):",
@@ -128,6 +278,422 @@ fn render_status(state: &ClusterState) -> String {
     out
 }
 
+fn load(dir: &Path) -> Result<(ClusterState, Vec<veil::cluster::Diagnostic>), String> {
+    if !dir.is_dir() {
+        return Err(format!("cluster dir {} is not a directory", dir.display()));
+    }
+    Ok(FileSource::new(dir).load())
+}
+
+fn read_authority(path: &Path) -> Result<[u8; 32], String> {
+    keymgr::read_public_key_file(path).map_err(|e| format!("authority public key: {e}"))
+}
+
+/// Whether each announcement verifies, as a fresh agent would decide it
+/// (no accepted history, so no rollback check).
+fn verdicts(state: &ClusterState, authority: &[u8; 32]) -> BTreeMap<String, Result<(), String>> {
+    let none = BTreeMap::new();
+    let ctx = TrustContext {
+        authority: *authority,
+        now: keymgr::unix_now(),
+        accepted: &none,
+    };
+    state
+        .announcements
+        .iter()
+        .map(|(n, a)| {
+            (
+                n.clone(),
+                verify_announcement(state, n, a, &ctx).map(|_| ()),
+            )
+        })
+        .collect()
+}
+
+fn ca_init(out: &Path) -> Result<(), String> {
+    let store = keymgr::KeyStore::new(out);
+    let key = store.generate_authority().map_err(|e| e.to_string())?.key;
+    let public = out.join(AUTHORITY_PUB);
+    keymgr::write_public_key_file(&public, &key.public_key()).map_err(|e| e.to_string())?;
+    println!(
+        "cluster authority created\n  private key: {} (keep it offline; never put it in the cluster store)\n  public key:  {} ({})\ngive every agent --authority-public-key {}",
+        store.path(keymgr::KeyKind::Authority).display(),
+        public.display(),
+        keymgr::encode_key(&key.public_key()),
+        public.display()
+    );
+    Ok(())
+}
+
+fn node_approve(dir: &Path, name: &str, ca: &Path, days: u64) -> Result<(), String> {
+    keymgr::validate_node_name(name).map_err(|e| e.to_string())?;
+    let authority = files::load_authority(ca).map_err(|e| e.to_string())?;
+    let (state, _) = load(dir)?;
+    let path = dir.join("veilnodes").join(format!("{name}.yaml"));
+    let ann = state.announcements.get(name).ok_or_else(|| {
+        format!(
+            "{}: no readable VeilNode/{name}; start the node's agent first",
+            path.display()
+        )
+    })?;
+    let identity = ann.trust.identity_key.ok_or_else(|| {
+        format!(
+            "{}: VeilNode/{name} carries no spec.identityKey (an external peer, or an agent too old to have one)",
+            path.display()
+        )
+    })?;
+    if !state.nodes.contains_key(name) {
+        return Err(format!("no Node object named {name}: refusing to certify an identity for a node that does not exist"));
+    }
+    let cert = Certificates::new(dir)
+        .approve(
+            &authority,
+            name,
+            identity,
+            keymgr::unix_now(),
+            Duration::from_secs(days.saturating_mul(86_400)),
+        )
+        .map_err(|e| e.to_string())?;
+    println!(
+        "approved node {name}: identity key {} (compare with the `node identity loaded` line of its agent log), valid until {}\nwrote {}",
+        keymgr::encode_key(&identity),
+        cert.not_after,
+        Certificates::new(dir).path(name).display()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn peer_add(
+    dir: &Path,
+    name: &str,
+    public_key: &str,
+    endpoint: SocketAddr,
+    allowed_ips: &[IpNet],
+    ca: &Path,
+    days: u64,
+) -> Result<(), String> {
+    keymgr::validate_node_name(name).map_err(|e| e.to_string())?;
+    let key = keymgr::decode_key(public_key).map_err(|e| format!("--public-key: {e}"))?;
+    if !keymgr::is_usable_public_key(&key) {
+        return Err("--public-key: a small-order point cannot take part in a handshake".into());
+    }
+    if endpoint.port() == 0 {
+        return Err("--endpoint: port 0 cannot be reached".into());
+    }
+    let authority = files::load_authority(ca).map_err(|e| e.to_string())?;
+    let (state, _) = load(dir)?;
+    check_external(&state, name, allowed_ips)?;
+    let generation = match state.announcements.get(name) {
+        Some(a) if a.public_key.0 == key => a.trust.generation.max(1),
+        Some(a) => a.trust.generation + 1,
+        None => 1,
+    };
+    let now = keymgr::unix_now();
+    let body = keymgr::AnnouncementBody {
+        node: name.into(),
+        wireguard_key: key,
+        generation,
+        listen_port: endpoint.port(),
+        pod_cidrs: allowed_ips.to_vec(),
+        endpoint: Some(endpoint),
+        not_before: now.saturating_sub(keymgr::DEFAULT_CLOCK_SKEW_SECS),
+        not_after: now + days.saturating_mul(86_400),
+    };
+    let signed = keymgr::SignedAnnouncement::sign_by_authority(body, &authority)
+        .map_err(|e| e.to_string())?;
+    FileSource::new(dir)
+        .publish_announcement(&Announcement::from_signed(&signed))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "announced external peer {name} (generation {generation}); print its configuration with `veilctl peer config {name}`"
+    );
+    Ok(())
+}
+
+/// An external peer must not be a node, and must not take a node's addresses.
+fn check_external(state: &ClusterState, name: &str, allowed_ips: &[IpNet]) -> Result<(), String> {
+    if state.nodes.contains_key(name) {
+        return Err(format!(
+            "{name} is a Node of this cluster; external peers need a name of their own"
+        ));
+    }
+    if allowed_ips.is_empty() {
+        return Err("--allowed-ips: at least one CIDR is required".into());
+    }
+    for cidr in allowed_ips {
+        for node in state.nodes.values() {
+            if let Some(c) = node
+                .pod_cidrs
+                .iter()
+                .find(|c| c.contains(cidr) || cidr.contains(*c))
+            {
+                return Err(format!(
+                    "--allowed-ips {cidr} overlaps pod CIDR {c} of Node/{}; an external peer cannot take a node's addresses",
+                    node.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn peer_config(dir: &Path, name: &str, authority: Option<&Path>) -> Result<(), String> {
+    let (state, _) = load(dir)?;
+    let me = state
+        .announcements
+        .get(name)
+        .filter(|a| a.trust.signer == Some(keymgr::SignerKind::Authority))
+        .ok_or_else(|| {
+            format!("no external peer {name}; add it with `veilctl peer add {name} ...`")
+        })?;
+    let ok = match authority {
+        Some(p) => Some(verdicts(&state, &read_authority(p)?)),
+        None => None,
+    };
+    print!("{}", render_peer_config(&state, me, ok.as_ref()));
+    Ok(())
+}
+
+/// The wg-quick file for external peer `me`: one [Peer] per Veil node with
+/// an announcement (only verified ones when `ok` is given).
+fn render_peer_config(
+    state: &ClusterState,
+    me: &Announcement,
+    ok: Option<&BTreeMap<String, Result<(), String>>>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# wg-quick configuration for external peer {} (generated by veilctl)",
+        me.node
+    );
+    let _ = writeln!(out, "[Interface]");
+    let _ = writeln!(
+        out,
+        "PrivateKey = <this machine's private key; its public key must be {}>",
+        me.public_key
+    );
+    let _ = writeln!(out, "ListenPort = {}", me.listen_port);
+    for (name, node) in &state.nodes {
+        let Some(a) = state.announcements.get(name) else {
+            let _ = writeln!(out, "\n# node {name}: not announced yet");
+            continue;
+        };
+        if let Some(Err(reason)) = ok.and_then(|v| v.get(name)) {
+            let _ = writeln!(out, "\n# node {name}: announcement rejected: {reason}");
+            continue;
+        }
+        let endpoint = match (a.endpoint, node.internal_ip) {
+            (Some(e), _) => e.to_string(),
+            (None, Some(ip)) => SocketAddr::new(ip, a.listen_port).to_string(),
+            (None, None) => {
+                let _ = writeln!(out, "\n# node {name}: no endpoint (no InternalIP)");
+                continue;
+            }
+        };
+        let cidrs: Vec<String> = a.pod_cidrs.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "\n# node {name}, key generation {}",
+            a.trust.generation
+        );
+        let _ = writeln!(out, "[Peer]");
+        let _ = writeln!(out, "PublicKey = {}", a.public_key);
+        let _ = writeln!(out, "Endpoint = {endpoint}");
+        let _ = writeln!(out, "AllowedIPs = {}", cidrs.join(", "));
+    }
+    out
+}
+
+/// Nodes that run Veil agents: node-signed (or pending) announcements.
+fn veil_nodes(state: &ClusterState) -> Vec<String> {
+    state
+        .announcements
+        .iter()
+        .filter(|(n, a)| {
+            state.nodes.contains_key(*n) && a.trust.signer != Some(keymgr::SignerKind::Authority)
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Per target: (own generation, peers using it / peers in total, peers lagging).
+fn rotation_progress(
+    state: &ClusterState,
+    target: &str,
+    want: u64,
+) -> (u64, usize, usize, Vec<String>) {
+    let generation = state
+        .announcements
+        .get(target)
+        .map_or(0, |a| a.trust.generation);
+    let mut switched = 0;
+    let mut lagging = Vec::new();
+    for other in veil_nodes(state) {
+        if other == target {
+            continue;
+        }
+        let used = state.announcements[&other]
+            .status
+            .peers
+            .get(target)
+            .copied();
+        if used.is_some_and(|g| g >= want) {
+            switched += 1;
+        } else {
+            lagging.push(other);
+        }
+    }
+    (generation, switched, switched + lagging.len(), lagging)
+}
+
+fn keys_rotate(
+    dir: &Path,
+    nodes: &[String],
+    all: bool,
+    wait: Option<Duration>,
+) -> Result<(), String> {
+    let (state, _) = load(dir)?;
+    let targets: Vec<String> = if all {
+        veil_nodes(&state)
+    } else {
+        nodes.to_vec()
+    };
+    if targets.is_empty() {
+        return Err("no Veil nodes have announced themselves; nothing to rotate".into());
+    }
+    let mut wanted = BTreeMap::new();
+    for t in &targets {
+        keymgr::validate_node_name(t).map_err(|e| e.to_string())?;
+        let current = state
+            .announcements
+            .get(t)
+            .filter(|a| {
+                state.nodes.contains_key(t) && a.trust.signer != Some(keymgr::SignerKind::Authority)
+            })
+            .ok_or_else(|| format!("{t} is not a Veil node with an announcement"))?
+            .trust
+            .generation;
+        let requested = files::read_rotation(dir, t)
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0);
+        let want = current.max(requested) + 1;
+        files::write_rotation(dir, t, want).map_err(|e| e.to_string())?;
+        println!("{t}: rotation requested, generation {current} -> {want}");
+        wanted.insert(t.clone(), (current, want));
+    }
+    let Some(timeout) = wait else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + timeout;
+    let mut source = FileSource::new(dir);
+    let mut last = String::new();
+    loop {
+        let (state, _) = source.load();
+        let mut lines = String::new();
+        let mut pending = Vec::new();
+        for (t, (old, want)) in &wanted {
+            let (now_gen, switched, total, lagging) = rotation_progress(&state, t, *want);
+            let done = now_gen >= *want && lagging.is_empty();
+            lines.push_str(&format!(
+                "{t}: generation {old} -> {now_gen} (want {want}), peers switched {switched}/{total}{}\n",
+                if done { ", done" } else { "" }
+            ));
+            if !done {
+                pending.push(if now_gen < *want {
+                    format!("{t} (still at generation {now_gen})")
+                } else {
+                    format!("{t} (peers not switched: {})", lagging.join(", "))
+                });
+            }
+        }
+        if lines != last {
+            print!("{lines}");
+            last = lines;
+        }
+        if pending.is_empty() {
+            println!("all rotations complete");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "rotation did not complete within {}s: {}",
+                timeout.as_secs(),
+                pending.join("; ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn keys_status(dir: &Path, authority: Option<&Path>) -> Result<(), String> {
+    let (state, _) = load(dir)?;
+    let ok = match authority {
+        Some(p) => Some(verdicts(&state, &read_authority(p)?)),
+        None => None,
+    };
+    print!(
+        "{}",
+        render_keys_status(&state, ok.as_ref(), keymgr::unix_now())
+    );
+    Ok(())
+}
+
+fn render_keys_status(
+    state: &ClusterState,
+    ok: Option<&BTreeMap<String, Result<(), String>>>,
+    now: u64,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<6} {:<10} {:<10} {:<46} PEERS ON THIS GENERATION",
+        "NODE", "GEN", "KEY AGE", "SIGNER", "PUBLIC KEY"
+    );
+    let veil = veil_nodes(state);
+    for (name, a) in &state.announcements {
+        let age = a
+            .status
+            .key_since
+            .map_or("-".to_string(), |t| format!("{}s", now.saturating_sub(t)));
+        let signer = match (a.trust.signer, a.trust.identity_key) {
+            (Some(keymgr::SignerKind::Node), _) => "node",
+            (Some(keymgr::SignerKind::Authority), _) => "authority",
+            (None, Some(_)) => "pending",
+            (None, None) => "unsigned",
+        };
+        let gen = a.trust.generation;
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        for other in &veil {
+            if other == name {
+                continue;
+            }
+            match state.announcements[other].status.peers.get(name) {
+                Some(g) if *g == gen => on.push(other.clone()),
+                Some(g) => off.push(format!("{other}@{g}")),
+                None => off.push(format!("{other}@-")),
+            }
+        }
+        let mut peers = format!("{}/{}", on.len(), on.len() + off.len());
+        if !off.is_empty() {
+            peers.push_str(&format!(" (elsewhere: {})", off.join(", ")));
+        }
+        let _ = writeln!(
+            out,
+            "{name:<16} {gen:<6} {age:<10} {signer:<10} {:<46} {peers}",
+            PublicKey::to_string(&a.public_key)
+        );
+        if let Some(Err(reason)) = ok.and_then(|v| v.get(name)) {
+            let _ = writeln!(out, "  REJECTED: {reason}");
+        }
+    }
+    out
+}
+
 fn set_encryption(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("cluster dir {} is not a directory", dir.display()));
@@ -181,4 +747,185 @@ fn set_encryption(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(),
         path.display()
     );
     Ok(())
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil::cluster::{AnnouncementTrust, NodeInfo, NodeKeyStatus};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("veilctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_parsing() {
+        let cli = parse(&["keys", "rotate", "--all", "--wait", "--timeout", "5"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys {
+                command: KeysCommand::Rotate {
+                    all: true,
+                    wait: true,
+                    timeout: 5,
+                    ..
+                }
+            }
+        ));
+        let cli = parse(&["keys", "rotate", "--node", "n1", "--node", "n2"]).unwrap();
+        match cli.command {
+            Command::Keys {
+                command: KeysCommand::Rotate { node, all, .. },
+            } => {
+                assert_eq!(node, vec!["n1", "n2"]);
+                assert!(!all);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Neither --node nor --all, or both: refused.
+        assert!(parse(&["keys", "rotate"]).is_err());
+        assert!(parse(&["keys", "rotate", "--all", "--node", "n1"]).is_err());
+        let cli = parse(&[
+            "peer",
+            "add",
+            "ext",
+            "--public-key",
+            "k",
+            "--endpoint",
+            "198.18.0.9:51820",
+            "--allowed-ips",
+            "10.250.0.0/24,10.251.0.0/24",
+            "--ca",
+            "/ca",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Peer {
+                command: PeerCommand::Add { allowed_ips, .. },
+            } => assert_eq!(allowed_ips.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&[
+            "peer",
+            "add",
+            "ext",
+            "--public-key",
+            "k",
+            "--endpoint",
+            "nope",
+            "--allowed-ips",
+            "10.0.0.0/8",
+            "--ca",
+            "/ca"
+        ])
+        .is_err());
+        assert!(parse(&["ca", "init"]).is_err(), "--out is required");
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (i, n) in ["n1", "n2"].iter().enumerate() {
+            s.nodes.insert(
+                n.to_string(),
+                NodeInfo {
+                    name: n.to_string(),
+                    pod_cidrs: vec![format!("10.244.{}.0/24", i + 1).parse().unwrap()],
+                    internal_ip: Some(format!("198.18.0.{}", i + 1).parse().unwrap()),
+                },
+            );
+            s.announcements.insert(
+                n.to_string(),
+                Announcement {
+                    node: n.to_string(),
+                    public_key: PublicKey([i as u8 + 1; 32]),
+                    listen_port: 51820,
+                    pod_cidrs: s.nodes[*n].pod_cidrs.clone(),
+                    endpoint: None,
+                    trust: AnnouncementTrust {
+                        generation: 2,
+                        signer: Some(keymgr::SignerKind::Node),
+                        ..Default::default()
+                    },
+                    status: NodeKeyStatus {
+                        key_since: Some(1000),
+                        peers: BTreeMap::new(),
+                    },
+                },
+            );
+        }
+        s.announcements.get_mut("n1").unwrap().status.peers = [("n2".to_string(), 2)].into();
+        s.announcements.get_mut("n2").unwrap().status.peers = [("n1".to_string(), 1)].into();
+        s
+    }
+
+    #[test]
+    fn keys_status_rendering() {
+        let s = state();
+        let mut verdicts = BTreeMap::new();
+        verdicts.insert("n1".to_string(), Ok(()));
+        verdicts.insert("n2".to_string(), Err("forged".to_string()));
+        let out = render_keys_status(&s, Some(&verdicts), 1060);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NODE"), "{out}");
+        // n1 is at generation 2, but n2 still uses generation 1 of n1's key.
+        assert!(lines[1].starts_with("n1"), "{out}");
+        assert!(lines[1].contains("60s"), "{out}");
+        assert!(lines[1].contains("0/1 (elsewhere: n2@1)"), "{out}");
+        assert!(
+            lines[2].starts_with("n2") && lines[2].contains("1/1"),
+            "{out}"
+        );
+        assert_eq!(lines[3], "  REJECTED: forged");
+        let (gen, switched, total, lagging) = rotation_progress(&s, "n1", 2);
+        assert_eq!((gen, switched, total), (2, 0, 1));
+        assert_eq!(lagging, vec!["n2"]);
+        assert_eq!(rotation_progress(&s, "n2", 2).1, 1);
+    }
+
+    #[test]
+    fn peer_config_and_external_checks() {
+        let mut s = state();
+        let me = Announcement {
+            node: "ext".into(),
+            public_key: PublicKey([9; 32]),
+            listen_port: 51999,
+            pod_cidrs: vec!["10.250.0.0/24".parse().unwrap()],
+            endpoint: Some("198.18.0.9:51999".parse().unwrap()),
+            ..Announcement::default()
+        };
+        s.announcements.get_mut("n2").unwrap().endpoint = Some("198.19.0.2:51000".parse().unwrap());
+        let out = render_peer_config(&s, &me, None);
+        assert!(out.contains("[Interface]\nPrivateKey = <this machine's private key; its public key must be CQkJ"), "{out}");
+        assert!(out.contains("ListenPort = 51999"), "{out}");
+        assert!(
+            out.contains(&format!(
+                "[Peer]\nPublicKey = {}\nEndpoint = 198.18.0.1:51820\nAllowedIPs = 10.244.1.0/24",
+                PublicKey([1; 32])
+            )),
+            "{out}"
+        );
+        assert!(out.contains("Endpoint = 198.19.0.2:51000"), "{out}");
+        let mut verdicts = BTreeMap::new();
+        verdicts.insert("n2".to_string(), Err("expired".to_string()));
+        let out = render_peer_config(&s, &me, Some(&verdicts));
+        assert!(
+            out.contains("# node n2: announcement rejected: expired"),
+            "{out}"
+        );
+        assert_eq!(out.matches("[Peer]").count(), 1, "{out}");
+
+        assert!(check_external(&s, "ext", &["10.250.0.0/24".parse().unwrap()]).is_ok());
+        let e = check_external(&s, "ext", &["10.244.0.0/16".parse().unwrap()]).unwrap_err();
+        assert!(
+            e.contains("overlaps pod CIDR 10.244.1.0/24 of Node/n1"),
+            "{e}"
+        );
+        assert!(
+            check_external(&s, "n1", &["10.250.0.0/24".parse().unwrap()])
+                .unwrap_err()
+                .contains("is a Node")
+        );
+        assert!(check_external(&s, "ext", &[]).is_err());
+    }
 }

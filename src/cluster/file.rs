@@ -75,7 +75,8 @@ enum Object {
     Node(NodeInfo),
     Pod(PodInfo),
     Namespace(NamespaceInfo),
-    Announcement(Announcement),
+    /// Boxed: signatures and certificates make it several times larger than the rest.
+    Announcement(Box<Announcement>),
     Config(ClusterConfig),
 }
 
@@ -511,7 +512,7 @@ impl Ctx<'_> {
             (VEIL_API_VERSION, VeilNode::KIND) => {
                 self.typed::<VeilNode>(value, document).and_then(|v| {
                     Announcement::try_from(&v)
-                        .map(Object::Announcement)
+                        .map(|a| Object::Announcement(Box::new(a)))
                         .map_err(|e| e.to_string())
                 })
             }
@@ -600,7 +601,7 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, diags: &mut Vec<Diagnostic>) ->
                     state.namespaces.insert(n.name.clone(), n.clone());
                 }
                 Object::Announcement(a) => {
-                    state.announcements.insert(a.node.clone(), a.clone());
+                    state.announcements.insert(a.node.clone(), (**a).clone());
                 }
                 Object::Config(c) => state.config = c.clone(),
             }
@@ -751,7 +752,15 @@ status: {addresses: [{address: 198.18.0.2, type: InternalIP}]}
             "apiVersion: v1\nkind: Pod\nmetadata: {name: orphan}\nspec: {nodeName: nowhere}\nstatus: {podIP: 10.244.1.9}\n",
         );
         let (state, _) = FileSource::new(dir).load();
-        let outcome = crate::reconcile::desired(&state, "n1");
+        let outcome = crate::reconcile::desired(
+            &state,
+            "n1",
+            &crate::reconcile::TrustContext {
+                authority: keymgr::AuthorityKey::from_seed([1; 32]).public_key(),
+                now: 0,
+                accepted: &BTreeMap::new(),
+            },
+        );
         let source_of = |object: &str| {
             outcome
                 .diagnostics
@@ -1069,6 +1078,7 @@ metadata: {{name: fine}}
                 "fd00:1::/64".parse().unwrap(),
             ],
             endpoint: None,
+            ..Announcement::default()
         };
         source.publish_announcement(&ann).unwrap();
         let dir = tmp.path().join(ANNOUNCEMENT_DIR);
@@ -1139,6 +1149,7 @@ metadata: {{name: fine}}
                 listen_port: 51820,
                 pod_cidrs: vec![],
                 endpoint: None,
+                ..Announcement::default()
             })
             .unwrap();
         tokio::time::timeout(Duration::from_secs(10), rx.recv())

@@ -13,7 +13,10 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::{Announcement, ClusterConfig, NamespaceInfo, NodeInfo, PodInfo, PublicKey};
+use super::{
+    Announcement, AnnouncementTrust, ClusterConfig, NamespaceInfo, NodeInfo, NodeKeyStatus,
+    PodInfo, PublicKey,
+};
 
 /// API group/version of every Veil CRD.
 pub const VEIL_API_VERSION: &str = "veil.dev/v1alpha1";
@@ -50,6 +53,14 @@ pub enum ObjectError {
     InvalidEndpoint { value: String, reason: String },
     #[error("spec.endpoint: `{value}` has port 0")]
     EndpointZeroPort { value: String },
+    #[error("spec.identityKey: {0} (expected 44 characters of base64)")]
+    InvalidIdentityKey(#[source] keymgr::Error),
+    #[error("spec.certificate: {0}")]
+    InvalidCertificate(#[source] keymgr::TrustError),
+    #[error("spec.signature: {0}")]
+    InvalidSignature(#[source] keymgr::TrustError),
+    #[error("spec.signer: `{0}` is neither `Node` nor `Authority`")]
+    InvalidSigner(String),
 }
 
 /// `spec` of a `VeilNode`: a node's announcement of how to reach it.
@@ -67,6 +78,43 @@ pub struct VeilNodeSpec {
     /// `ip:port` when the Node's InternalIP is not the address to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Generation of `publicKey` (1 for a node's first key, +1 per rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Validity of this announcement, in seconds since the Unix epoch (UTC).
+    /// Integers rather than RFC 3339: they are exactly what is signed, so
+    /// no parsing or time-zone rule can make two readers disagree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<u64>,
+    /// The node's Ed25519 identity public key, base64. Present alone (no
+    /// certificate yet) while the node waits for `veilctl node approve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_key: Option<String>,
+    /// The authority's certificate for `identityKey` (keymgr's base64 form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Ed25519 signature over the announcement's canonical bytes, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// `Node` (the certified identity key signed) or `Authority` (an
+    /// external WireGuard peer enrolled with `veilctl peer add`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+}
+
+/// `status` of a `VeilNode`: progress information written by the node's
+/// agent. Unsigned and never used for routing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilNodeStatus {
+    /// When the current WireGuard key was first announced (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_since: Option<u64>,
+    /// Per peer: the generation of the peer's key this node uses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peer_generations: BTreeMap<String, u64>,
 }
 
 /// `veil.dev/v1alpha1 VeilNode`, cluster-scoped, named after the node.
@@ -79,6 +127,8 @@ pub struct VeilNode {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: VeilNodeSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VeilNodeStatus>,
 }
 
 impl VeilNode {
@@ -94,6 +144,7 @@ impl VeilNode {
                 ..ObjectMeta::default()
             },
             spec,
+            status: None,
         }
     }
 }
@@ -353,27 +404,95 @@ impl TryFrom<&VeilNode> for Announcement {
                     Ok(addr)
                 })
                 .transpose()?;
+        let identity_key = spec
+            .identity_key
+            .as_deref()
+            .map(|k| keymgr::decode_key(k).map_err(ObjectError::InvalidIdentityKey))
+            .transpose()?;
+        let certificate = spec
+            .certificate
+            .as_deref()
+            .map(|c| {
+                keymgr::NodeCertificate::from_base64(c).map_err(ObjectError::InvalidCertificate)
+            })
+            .transpose()?;
+        let signature = spec
+            .signature
+            .as_deref()
+            .map(|s| keymgr::decode_signature(s).map_err(ObjectError::InvalidSignature))
+            .transpose()?;
+        let signer = spec
+            .signer
+            .as_deref()
+            .map(|s| match s {
+                "Node" => Ok(keymgr::SignerKind::Node),
+                "Authority" => Ok(keymgr::SignerKind::Authority),
+                other => Err(ObjectError::InvalidSigner(other.into())),
+            })
+            .transpose()?;
+        let status = vn
+            .status
+            .as_ref()
+            .map_or_else(NodeKeyStatus::default, |s| NodeKeyStatus {
+                key_since: s.key_since,
+                peers: s.peer_generations.clone(),
+            });
         Ok(Announcement {
             node,
             public_key,
             listen_port,
             pod_cidrs,
             endpoint,
+            trust: AnnouncementTrust {
+                generation: spec.generation.unwrap_or(0),
+                not_before: spec.not_before.unwrap_or(0),
+                not_after: spec.not_after.unwrap_or(0),
+                identity_key,
+                signer,
+                certificate,
+                signature,
+            },
+            status,
         })
     }
 }
 
 impl From<&Announcement> for VeilNode {
     fn from(a: &Announcement) -> Self {
-        VeilNode::new(
+        let t = &a.trust;
+        let nonzero = |v: u64| (v != 0).then_some(v);
+        let mut vn = VeilNode::new(
             &a.node,
             VeilNodeSpec {
                 public_key: a.public_key.to_string(),
                 listen_port: Some(a.listen_port),
                 pod_cidrs: a.pod_cidrs.iter().map(ToString::to_string).collect(),
                 endpoint: a.endpoint.map(|e| e.to_string()),
+                generation: nonzero(t.generation),
+                not_before: nonzero(t.not_before),
+                not_after: nonzero(t.not_after),
+                identity_key: t.identity_key.as_ref().map(keymgr::encode_key),
+                certificate: t
+                    .certificate
+                    .as_ref()
+                    .map(keymgr::NodeCertificate::to_base64),
+                signature: t.signature.as_ref().map(keymgr::encode_signature),
+                signer: t.signer.map(|k| {
+                    match k {
+                        keymgr::SignerKind::Node => "Node",
+                        keymgr::SignerKind::Authority => "Authority",
+                    }
+                    .to_string()
+                }),
             },
-        )
+        );
+        if a.status != NodeKeyStatus::default() {
+            vn.status = Some(VeilNodeStatus {
+                key_since: a.status.key_since,
+                peer_generations: a.status.peers.clone(),
+            });
+        }
+        vn
     }
 }
 
@@ -700,5 +819,84 @@ status:
         assert_eq!(info.labels.len(), 2);
         assert_eq!(info.node_name.as_deref(), Some("n2"));
         assert_eq!(info.pod_ips, vec!["10.244.2.17".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn signed_announcement_round_trips_through_yaml() {
+        let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+        let identity = keymgr::IdentityKey::from_seed([2; 32]);
+        let cert = authority
+            .certify("n1", identity.public_key(), 1_700_000_000, 1_800_000_000)
+            .unwrap();
+        let body = keymgr::AnnouncementBody {
+            node: "n1".into(),
+            wireguard_key: keymgr::WireGuardPrivateKey::from_bytes([3; 32]).public_key(),
+            generation: 7,
+            listen_port: 51820,
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            endpoint: None,
+            not_before: 1_750_000_000,
+            not_after: 1_750_086_400,
+        };
+        let signed = keymgr::SignedAnnouncement::sign_by_node(body, &identity, cert).unwrap();
+        let mut ann = Announcement::from_signed(&signed);
+        ann.status.key_since = Some(1_750_000_000);
+        ann.status.peers.insert("n2".into(), 3);
+        let text = serde_yaml::to_string(&VeilNode::from(&ann)).unwrap();
+        // Readable: every field on its own line, times as plain integers.
+        for field in [
+            "generation: 7",
+            "notBefore: 1750000000",
+            "notAfter: 1750086400",
+            "identityKey: ",
+            "certificate: ",
+            "signature: ",
+            "signer: Node",
+            "keySince: 1750000000",
+        ] {
+            assert!(text.contains(field), "{field} missing in:\n{text}");
+        }
+        let back = Announcement::try_from(&yaml::<VeilNode>(&text)).unwrap();
+        assert_eq!(back, ann);
+        assert_eq!(back.signed(), Some(signed));
+
+        // Pending: an identity key alone.
+        let mut pending = ann.clone();
+        pending.trust = AnnouncementTrust {
+            identity_key: Some(identity.public_key()),
+            ..AnnouncementTrust::default()
+        };
+        let back = Announcement::try_from(&VeilNode::from(&pending)).unwrap();
+        assert_eq!(back.signed(), None);
+        assert_eq!(back.trust.identity_key, Some(identity.public_key()));
+    }
+
+    #[test]
+    fn bad_trust_fields_name_the_field() {
+        let base = VeilNodeSpec {
+            public_key: keymgr::encode_key(&[9; 32]),
+            ..VeilNodeSpec::default()
+        };
+        type Mutate = fn(&mut VeilNodeSpec);
+        let cases: [(Mutate, &str); 4] = [
+            (
+                |s| s.identity_key = Some("short".into()),
+                "spec.identityKey",
+            ),
+            (|s| s.certificate = Some("AAAA".into()), "spec.certificate"),
+            (|s| s.signature = Some("!!".into()), "spec.signature"),
+            (
+                |s| s.signer = Some("Mallory".into()),
+                "spec.signer: `Mallory`",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut spec = base.clone();
+            mutate(&mut spec);
+            let err = Announcement::try_from(&VeilNode::new("n1", spec))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(field), "{err}");
+        }
     }
 }

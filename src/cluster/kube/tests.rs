@@ -732,6 +732,7 @@ impl ApiServerVerifier {
             listen_port: 51821,
             pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             endpoint: Some("198.18.0.1:51821".parse().unwrap()),
+            ..Announcement::default()
         };
         let expected = json!({
             "apiVersion": "veil.dev/v1alpha1",
@@ -840,6 +841,7 @@ impl ApiServerVerifier {
             listen_port: 51820,
             pod_cidrs: vec![],
             endpoint: None,
+            ..Announcement::default()
         };
         let server = async {
             let call = self
