@@ -100,15 +100,21 @@ pub fn demux(
                 peer_public: half.peer_static_public,
             }
         }
-        Packet::HandshakeResponse(r) => Demux::Index {
-            peer_index: peer_index_of(r.receiver_idx),
-        },
-        Packet::PacketCookieReply(c) => Demux::Index {
-            peer_index: peer_index_of(c.receiver_idx),
-        },
-        Packet::PacketData(d) => Demux::Index {
-            peer_index: peer_index_of(d.receiver_idx),
-        },
+        _ => demux_index(packet)?,
+    })
+}
+
+/// Routes a response, cookie reply or data message by the receiver index we
+/// chose; initiations carry none (use [`demux`]) and are refused here.
+pub fn demux_index(packet: &Packet<'_>) -> Result<Demux, WireGuardError> {
+    let receiver = match packet {
+        Packet::HandshakeInit(_) => return Err(WireGuardError::InvalidPacket),
+        Packet::HandshakeResponse(r) => r.receiver_idx,
+        Packet::PacketCookieReply(c) => c.receiver_idx,
+        Packet::PacketData(d) => d.receiver_idx,
+    };
+    Ok(Demux::Index {
+        peer_index: peer_index_of(receiver),
     })
 }
 
