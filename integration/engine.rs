@@ -1066,3 +1066,77 @@ fn rotation_against_wireguard_go() {
     assert!(show.contains(&format!("peer: {k1_pub}")), "{show}");
     assert!(!show.contains(&format!("peer: {ka_pub}")), "{show}");
 }
+
+#[test]
+fn previous_key_restored_after_restart_answers_until_its_deadline() {
+    require_root();
+    let mut p = Pair::new(1500);
+    assert!(wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])));
+    let k0 = p.ka.clone();
+    let k1 = new_key();
+    // A rotated, then restarted during the grace period: it comes back with k1
+    // and restores k0 until the persisted deadline.
+    p.ea().rotate_key(k1.clone(), Duration::from_secs(30));
+    p.ea.take().expect("engine A").shutdown();
+    let ea = start_engine(&p.a, &p.name_a, k1.clone(), "10.244.1.1", "10.244.2.0/24");
+    let until = std::time::SystemTime::now() + Duration::from_secs(4);
+    ea.set_previous_key(k0.clone(), until);
+    p.ea = Some(ea);
+    p.configure_a();
+    // B restarts too and still only knows k0: A answers with the restored key.
+    p.eb.take().expect("engine B").shutdown();
+    p.eb = Some(start_engine(
+        &p.b,
+        &p.name_b,
+        p.kb.clone(),
+        "10.244.2.1",
+        "10.244.1.0/24",
+    ));
+    p.configure_b();
+    assert!(
+        wait_until(Duration::from_secs(3), || ping(&p.b, &["10.244.1.1"])),
+        "the restored previous key did not answer"
+    );
+    assert_eq!(
+        session_key(p.ea()),
+        Some(pubkey(&k0)),
+        "the session was made with the previous key"
+    );
+    // Setting a deadline in the past, or our current key, changes nothing.
+    p.ea().set_previous_key(
+        new_key(),
+        std::time::SystemTime::now() - Duration::from_secs(1),
+    );
+    p.ea()
+        .set_previous_key(k1.clone(), until + Duration::from_secs(60));
+
+    // A's new handshake (pushed while the old session stands in) fails until
+    // B learns k1; then the session moves over.
+    p.eb()
+        .set_peers(vec![peer(pubkey(&k1), Some(A_UNDERLAY), "10.244.1.0/24")]);
+    assert!(
+        wait_until(Duration::from_secs(3), || session_key(p.ea())
+            == Some(pubkey(&k1))),
+        "{:?}",
+        p.ea().peer_stats()
+    );
+
+    // Past the deadline, k0 answers nothing.
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    std::thread::sleep(left + Duration::from_millis(300));
+    p.eb.take().expect("engine B").shutdown();
+    p.eb = Some(start_engine(
+        &p.b,
+        &p.name_b,
+        p.kb.clone(),
+        "10.244.2.1",
+        "10.244.1.0/24",
+    ));
+    p.configure_b(); // k0 again
+    assert!(
+        !wait_until(Duration::from_secs(2), || ping(&p.b, &["10.244.1.1"])),
+        "k0 still answered after its deadline"
+    );
+}
