@@ -1592,6 +1592,133 @@ mod tests {
         }
     }
 
+    /// A full handshake between two in-memory `Tunn`s, ending with the
+    /// initiator's keepalive so both sides have a current session.
+    fn handshake(init: &mut Tunn, resp: &mut Tunn) {
+        let (mut b1, mut b2) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let TunnResult::WriteToNetwork(i) = init.format_handshake_initiation(&mut b1, false) else {
+            panic!("no initiation")
+        };
+        let i = i.to_vec();
+        let TunnResult::WriteToNetwork(r) = resp.decapsulate(None, &i, &mut b2) else {
+            panic!("no response")
+        };
+        let r = r.to_vec();
+        let TunnResult::WriteToNetwork(k) = init.decapsulate(None, &r, &mut b1) else {
+            panic!("no keepalive")
+        };
+        let k = k.to_vec();
+        assert!(matches!(
+            resp.decapsulate(None, &k, &mut b2),
+            TunnResult::Done
+        ));
+    }
+
+    fn remote(key: &x25519_dalek::StaticSecret, ours: &LocalKey, index: u32) -> Tunn {
+        Tunn::new(key.clone(), ours.public, None, None, index, None)
+    }
+
+    #[test]
+    fn old_session_carries_traffic_until_the_new_one_is_up() {
+        let k0 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let k1 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let kb = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+        let kb_pub = PublicKey::from(&kb).to_bytes();
+        let cfg = PeerConfig {
+            public_key: kb_pub,
+            endpoint: None,
+            allowed_ips: vec!["10.244.2.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+        };
+        let mut st = PeerState {
+            current: Slot::new(&k0, kb_pub, None, 10, None),
+            retiring: Vec::new(),
+            endpoint: None,
+            config: cfg,
+            retired_tx: 0,
+            retired_rx: 0,
+            last_pushed: None,
+        };
+        let mut b_old = remote(&kb, &k0, 100);
+        handshake(&mut st.current.tunn, &mut b_old);
+        assert_eq!(st.send_slot(), 0);
+
+        // Rotate: the new current slot has no session yet, so the old one sends.
+        let now = Instant::now();
+        st.replace_current(Slot::new(&k1, kb_pub, None, 11, None), now);
+        assert_eq!(st.send_slot(), 1);
+        assert_eq!(st.slot(1).local, k0.public.to_bytes());
+        let mut out = vec![0u8; 256];
+        let pkt = [0x45u8; 40];
+        assert!(matches!(
+            st.slot_mut(st.send_slot()).tunn.encapsulate(&pkt, &mut out),
+            TunnResult::WriteToNetwork(_)
+        ));
+        // Past its deadline the old slot stays while it is the only carrier.
+        assert!(!st.prune(now + Duration::from_secs(1)));
+        assert_eq!(st.retiring.len(), 1);
+
+        // The peer learns the new key and initiates: the new session takes over.
+        let mut b_new = remote(&kb, &k1, 101);
+        handshake(&mut b_new, &mut st.current.tunn);
+        assert_eq!(st.send_slot(), 0);
+        assert!(
+            !st.prune(now - Duration::from_secs(1)),
+            "not before its deadline"
+        );
+        assert!(st.prune(now + Duration::from_secs(1)));
+        assert!(st.retiring.is_empty());
+        assert_eq!(
+            st.retired_tx,
+            pkt.len() as u64,
+            "counts of dropped slots are kept"
+        );
+    }
+
+    #[test]
+    fn previous_key_slot_is_created_once_and_trimmed() {
+        let k0 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let k1 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let cfg = PeerConfig {
+            public_key: [7; 32],
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: None,
+        };
+        let mut st = PeerState {
+            current: Slot::new(&k1, [7; 32], None, 1, None),
+            retiring: Vec::new(),
+            endpoint: None,
+            config: cfg,
+            retired_tx: 0,
+            retired_rx: 0,
+            last_pushed: None,
+        };
+        let mut alloc = IndexAlloc {
+            next: 5,
+            used: HashSet::from([6]),
+        };
+        let until = Instant::now() + Duration::from_secs(9);
+        st.ensure_previous_slot(Some((&k0, until)), &mut alloc);
+        st.ensure_previous_slot(Some((&k0, until)), &mut alloc);
+        assert_eq!(st.retiring.len(), 1);
+        assert_eq!(st.retiring[0].index, 5);
+        assert_eq!(st.retiring[0].retire_at, Some(until));
+        assert_eq!(alloc.take(), 7, "indices in use are skipped");
+        for i in 0..10 {
+            st.add_retiring(Slot::new(&k0, [i; 32], None, 20 + u32::from(i), None));
+        }
+        assert_eq!(st.retiring.len(), rotation::MAX_RETIRING);
+    }
+
     #[test]
     fn v4_mapped_addresses_are_normalized() {
         let mapped: SocketAddr = "[::ffff:198.18.0.1]:51820".parse().unwrap();

@@ -226,6 +226,9 @@ mod tests {
         // An initiation not meant for us does not decrypt.
         let c = key(3);
         assert!(demux_bytes(&init, &c, &PublicKey::from(&c)).is_err());
+        // Initiations carry no receiver index: the index-only path refuses them.
+        let parsed = Tunn::parse_incoming_packet(&init).unwrap();
+        assert!(demux_index(&parsed).is_err());
 
         let resp = match tb.decapsulate(None, &init, &mut buf2) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
