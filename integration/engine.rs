@@ -82,14 +82,27 @@ fn start_engine(
     pod_ip: &str,
     remote_cidr: &str,
 ) -> Engine {
-    let cfg = EngineConfig {
-        tun_name: name.to_owned(),
-        mtu: 1420,
-        listen_port: PORT,
-        private_key: key,
-        uapi_socket: Some(uapi_path(name)),
+    // A restart right after a shutdown can race the kernel's teardown of the
+    // old device under heavy parallel load: poll with a deadline, and report
+    // every failed attempt so a real error is never hidden.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let engine = loop {
+        let cfg = EngineConfig {
+            tun_name: name.to_owned(),
+            mtu: 1420,
+            listen_port: PORT,
+            private_key: key.clone(),
+            uapi_socket: Some(uapi_path(name)),
+        };
+        match ns.run(move || Engine::start(cfg)) {
+            Ok(e) => break e,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("engine {name} did not start yet: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("engine {name} does not start: {e}"),
+        }
     };
-    let engine = ns.run(move || Engine::start(cfg).expect("engine starts"));
     assert!(engine.tun_ifindex() > 0);
     assert_eq!(engine.tun_name(), name);
     assert_eq!(engine.listen_port(), PORT);
