@@ -28,12 +28,40 @@
 //! into the new snapshot, so their sessions survive reconfiguration.
 //!
 //! # Demux
-//! Handshake initiations carry no receiver index: the initiator's static key is
-//! decrypted with ours (`parse_handshake_anon`) and looked up by public key.
-//! Every other message carries the receiver index we chose, which boringtun
-//! builds as `(peer_index << 8) | session`, so `receiver_index >> 8` finds the
-//! peer. MAC1 (and, under load, the cookie/MAC2 check) runs first through the
-//! one `RateLimiter` shared by all peers, before any Diffie-Hellman work.
+//! Handshake initiations carry no receiver index. MAC1 is keyed by the
+//! responder's public key (whitepaper §5.4.4), so checking it against each of
+//! our answering keys (current, then previous during a grace period) tells
+//! cheaply which key the initiator addressed, before any Diffie-Hellman work;
+//! the initiator's static key is then decrypted with that key
+//! (`parse_handshake_anon`) and looked up by public key. Every other message
+//! carries the receiver index we chose, which boringtun builds as
+//! `(slot_index << 8) | session`, so `receiver_index >> 8` finds the session
+//! slot and its peer. MAC1 (and, under load, the cookie/MAC2 check) runs first
+//! through the `RateLimiter` of the addressed key, shared by all peers.
+//!
+//! # Key rotation
+//! A `Tunn` is bound to one (our static key, their static key) pair, so a peer
+//! holds a list of *slots*, each a `Tunn` with its own receiver index: the
+//! current slot (our current key, the peer's configured key) and retiring
+//! slots left over from a rotation on either side.
+//! - **We rotate** ([`Engine::rotate_key`]): every peer gets a new current slot
+//!   with the new key, which initiates a handshake at once; the old current
+//!   slot retires at the end of the grace period. Until then our previous key
+//!   still answers initiations (MAC1 picks the key, the matching slot answers),
+//!   so peers that have not seen our announcement keep working.
+//! - **A peer rotates** ([`Engine::set_peers`] with a new key for the same
+//!   AllowedIPs): the peer entry is kept, a new current slot initiates towards
+//!   the new key, the old slot retires after [`rotation::PEER_REKEY_OVERLAP`].
+//! - **Sending** uses the current slot once it has a session, otherwise the
+//!   youngest usable retiring session ([`rotation::send_slot`]): traffic flows
+//!   on the old session until the new handshake completes. Receiving works on
+//!   every slot by index, so in-flight packets of the old session still land.
+//! - A retiring slot goes only when its deadline has passed *and* the current
+//!   slot carries traffic or the retiring one has no session left
+//!   ([`rotation::should_retire`]); it never starts handshakes of its own.
+//! - While an old session stands in, the timer pushes a new handshake on the
+//!   current slot every REKEY_TIMEOUT, because boringtun gives up retrying
+//!   after REKEY_ATTEMPT_TIME and no packet would restart it.
 //!
 //! # Why `IP_PMTUDISC_DONT`
 //! An encrypted packet is 32 bytes (+ UDP/IP headers) larger than its payload,
@@ -47,6 +75,7 @@
 
 pub mod lpm;
 pub mod packet;
+pub mod rotation;
 pub mod uapi;
 
 use boringtun::noise::errors::WireGuardError;
@@ -58,7 +87,7 @@ use lpm::LpmTable;
 use packet::{CryptokeyVerdict, Demux};
 use parking_lot::{Mutex, RwLock};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -68,7 +97,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often every peer's timers are driven. WireGuard's timers have a
 /// granularity of seconds (REKEY_TIMEOUT = 5 s, KEEPALIVE = 10 s), so 100 ms
@@ -84,8 +113,6 @@ const WG_OVERHEAD: usize = 32;
 /// own device uses 100; each handshake passes the shared limiter twice (our
 /// pre-demux check and `Tunn::decapsulate`), hence the factor of two.
 const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
-/// Reject-After-Time from the WireGuard whitepaper §6.1.
-const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// Socket buffers: large enough for bursts at multi-Gbit/s without drops.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -159,6 +186,10 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub has_session: bool,
+    /// Our public key with which the session that carries our traffic to this
+    /// peer was made (`None`: no session). After [`Engine::rotate_key`] it turns
+    /// to the new key once the peer has switched.
+    pub session_key: Option<[u8; 32]>,
 }
 
 /// Engine-wide packet counters (monotonic since start).
@@ -226,15 +257,218 @@ impl Counters {
     }
 }
 
-struct PeerState {
+/// One of our static keys with the rate limiter (and so the MAC1 key) for it.
+struct LocalKey {
+    secret: x25519_dalek::StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+impl LocalKey {
+    fn new(secret: x25519_dalek::StaticSecret) -> Arc<LocalKey> {
+        let public = PublicKey::from(&secret);
+        Arc::new(LocalKey {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+        })
+    }
+}
+
+/// Our current key and, during a grace period, the previous one.
+struct Keys {
+    current: Arc<LocalKey>,
+    /// The previous key and until when it answers handshake initiations.
+    previous: Option<(Arc<LocalKey>, Instant)>,
+}
+
+impl Keys {
+    /// The keys that answer handshake initiations now, current first.
+    fn answering(&self, now: Instant) -> impl Iterator<Item = &Arc<LocalKey>> {
+        let prev = self
+            .previous
+            .as_ref()
+            .filter(|(_, until)| rotation::answering(now, *until))
+            .map(|(k, _)| k);
+        std::iter::once(&self.current).chain(prev)
+    }
+
+    fn previous_answering(&self, now: Instant) -> Option<(&Arc<LocalKey>, Instant)> {
+        self.previous
+            .as_ref()
+            .filter(|(_, until)| rotation::answering(now, *until))
+            .map(|(k, until)| (k, *until))
+    }
+}
+
+/// A `Tunn` for one (our key, their key) pair; see "Key rotation" above.
+struct Slot {
     tunn: Tunn,
+    /// The receiver-index prefix boringtun uses for this `Tunn`'s sessions.
+    index: u32,
+    limiter: Arc<RateLimiter>,
+    local: [u8; 32],
+    remote: [u8; 32],
+    /// `None` for the current slot.
+    retire_at: Option<Instant>,
+}
+
+impl Slot {
+    fn new(
+        key: &LocalKey,
+        remote: [u8; 32],
+        keepalive: Option<u16>,
+        index: u32,
+        retire_at: Option<Instant>,
+    ) -> Slot {
+        Slot {
+            tunn: Tunn::new(
+                key.secret.clone(),
+                PublicKey::from(remote),
+                None,
+                keepalive,
+                index,
+                Some(key.limiter.clone()),
+            ),
+            index,
+            limiter: key.limiter.clone(),
+            local: key.public.to_bytes(),
+            remote,
+            retire_at,
+        }
+    }
+
+    fn age(&self) -> Option<Duration> {
+        self.tunn.time_since_last_handshake()
+    }
+
+    fn usable(&self) -> bool {
+        rotation::usable(self.age())
+    }
+}
+
+struct PeerState {
+    current: Slot,
+    /// Newest first.
+    retiring: Vec<Slot>,
     endpoint: Option<SocketAddr>,
     config: PeerConfig,
+    /// Byte counts of slots already dropped, so the totals stay monotonic.
+    retired_tx: u64,
+    retired_rx: u64,
+    /// When we last pushed a handshake for the current slot (see module docs).
+    last_pushed: Option<Instant>,
+}
+
+impl PeerState {
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        std::iter::once(&self.current).chain(self.retiring.iter())
+    }
+
+    /// Position (0 = current) of the slot that encrypts outgoing packets.
+    fn send_slot(&self) -> usize {
+        rotation::send_slot(self.slots().map(Slot::age))
+    }
+
+    fn slot(&self, pos: usize) -> &Slot {
+        match pos.checked_sub(1).and_then(|i| self.retiring.get(i)) {
+            Some(s) => s,
+            None => &self.current,
+        }
+    }
+
+    fn slot_mut(&mut self, pos: usize) -> &mut Slot {
+        match pos.checked_sub(1).and_then(|i| self.retiring.get_mut(i)) {
+            Some(s) => s,
+            None => &mut self.current,
+        }
+    }
+
+    fn position(&self, pick: impl Fn(&Slot) -> bool) -> Option<usize> {
+        self.slots().position(pick)
+    }
+
+    fn drop_slot_counts(&mut self, slot: &Slot) {
+        let (_, tx, rx, _, _) = slot.tunn.stats();
+        self.retired_tx += tx as u64;
+        self.retired_rx += rx as u64;
+    }
+
+    /// Makes `slot` current; the old current slot retires at `retire_at`.
+    fn replace_current(&mut self, slot: Slot, retire_at: Instant) {
+        let mut old = std::mem::replace(&mut self.current, slot);
+        old.retire_at = Some(retire_at);
+        self.retiring.insert(0, old);
+        self.last_pushed = None;
+        self.trim();
+    }
+
+    fn add_retiring(&mut self, slot: Slot) {
+        self.retiring.push(slot);
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.retiring.len() > rotation::MAX_RETIRING {
+            if let Some(s) = self.retiring.pop() {
+                self.drop_slot_counts(&s);
+            }
+        }
+    }
+
+    /// Drops retiring slots that are no longer needed; true if any went.
+    fn prune(&mut self, now: Instant) -> bool {
+        let current_usable = self.current.usable();
+        let (keep, gone): (Vec<Slot>, Vec<Slot>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|s| match s.retire_at {
+                Some(at) => !rotation::should_retire(now, at, s.usable(), current_usable),
+                None => true,
+            });
+        self.retiring = keep;
+        for s in &gone {
+            self.drop_slot_counts(s);
+        }
+        !gone.is_empty()
+    }
+
+    /// During our grace period, a peer that has not seen our new key initiates
+    /// to the previous one: make sure a slot for (previous key, its key) exists.
+    fn ensure_previous_slot(
+        &mut self,
+        prev: Option<(&Arc<LocalKey>, Instant)>,
+        alloc: &mut IndexAlloc,
+    ) {
+        let Some((key, until)) = prev else { return };
+        let (local, remote) = (key.public.to_bytes(), self.config.public_key);
+        if self.slots().any(|s| s.local == local && s.remote == remote) {
+            return;
+        }
+        let slot = Slot::new(
+            key,
+            remote,
+            self.config.persistent_keepalive,
+            alloc.take(),
+            Some(until),
+        );
+        self.add_retiring(slot);
+    }
 }
 
 struct Peer {
-    index: u32,
+    /// Stable for the life of the peer entry (across key changes): the value
+    /// AllowedIPs map to, used for routing and cryptokey checks.
+    id: u32,
     state: Mutex<PeerState>,
+}
+
+/// Which slot of a peer an incoming datagram is for.
+#[derive(Clone, Copy)]
+enum SlotRef {
+    /// A handshake initiation: (our addressed public key, the initiator's key).
+    Keys([u8; 32], [u8; 32]),
+    /// Any other message: the slot's receiver-index prefix.
+    Index(u32),
 }
 
 /// An immutable snapshot of the peer set.
@@ -243,16 +477,75 @@ struct PeerSet {
     /// In configuration order, for stable `peer_stats` and `wg show` output.
     ordered: Vec<Arc<Peer>>,
     by_key: HashMap<[u8; 32], Arc<Peer>>,
+    /// Slot receiver-index prefix -> peer.
     by_index: HashMap<u32, Arc<Peer>>,
-    /// AllowedIPs of all peers -> peer index.
+    by_id: HashMap<u32, Arc<Peer>>,
+    /// AllowedIPs of all peers -> peer id.
     routes: LpmTable<u32>,
 }
 
 impl PeerSet {
     fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        self.routes
-            .lookup(dst)
-            .and_then(|idx| self.by_index.get(idx))
+        self.routes.lookup(dst).and_then(|id| self.by_id.get(id))
+    }
+
+    /// Builds the lookup maps for `peers`, in order (a later peer wins an
+    /// AllowedIP listed twice, with a warning).
+    fn build(peers: Vec<Arc<Peer>>, tun_name: &str) -> PeerSet {
+        let mut set = PeerSet::default();
+        for peer in peers {
+            {
+                let st = peer.state.lock();
+                for net in &st.config.allowed_ips {
+                    if let Some(prev) = set.routes.insert(*net, peer.id) {
+                        if prev != peer.id {
+                            tracing::warn!(tun = %tun_name, allowed_ip = %net,
+                                "AllowedIP listed for two peers; the later peer gets it");
+                        }
+                    }
+                }
+                for s in st.slots() {
+                    set.by_index.insert(s.index, peer.clone());
+                }
+                set.by_key.insert(st.config.public_key, peer.clone());
+            }
+            set.by_id.insert(peer.id, peer.clone());
+            set.ordered.push(peer);
+        }
+        set
+    }
+}
+
+/// Hands out slot indices and peer ids that are not in use, from a random
+/// start (see [`random_index`]).
+struct IndexAlloc {
+    next: u32,
+    used: HashSet<u32>,
+}
+
+impl IndexAlloc {
+    fn new(next: u32, set: &PeerSet) -> IndexAlloc {
+        let used = set
+            .by_index
+            .keys()
+            .copied()
+            .chain(set.by_id.keys().copied())
+            .collect();
+        IndexAlloc { next, used }
+    }
+
+    fn take(&mut self) -> u32 {
+        loop {
+            let candidate = self.next;
+            self.next = if candidate >= packet::MAX_PEER_INDEX {
+                1
+            } else {
+                candidate + 1
+            };
+            if self.used.insert(candidate) {
+                return candidate;
+            }
+        }
     }
 }
 
@@ -265,11 +558,10 @@ struct Shared {
     /// v4-mapped addresses.
     dual_stack: bool,
     listen_port: u16,
-    secret: x25519_dalek::StaticSecret,
-    public: PublicKey,
-    rate_limiter: Arc<RateLimiter>,
+    keys: RwLock<Arc<Keys>>,
     peers: RwLock<Arc<PeerSet>>,
-    /// Serialises `set_peers` so index allocation and the swap are atomic.
+    /// Serialises reconfiguration (`set_peers`, `rotate_key`, ...) so index
+    /// allocation and the swap are atomic; holds the next index to try.
     config_lock: Mutex<u32>,
     counters: Counters,
     stop: AtomicBool,
@@ -488,7 +780,6 @@ impl Engine {
             None => None,
         };
 
-        let public = PublicKey::from(&cfg.private_key);
         let shared = Arc::new(Shared {
             tun,
             tun_name: cfg.tun_name.clone(),
@@ -496,9 +787,10 @@ impl Engine {
             sock,
             dual_stack,
             listen_port,
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            secret: cfg.private_key,
-            public,
+            keys: RwLock::new(Arc::new(Keys {
+                current: LocalKey::new(cfg.private_key),
+                previous: None,
+            })),
             peers: RwLock::new(Arc::new(PeerSet::default())),
             config_lock: Mutex::new(random_index()),
             counters: Counters::default(),
@@ -567,26 +859,36 @@ impl Engine {
     }
 
     pub fn public_key(&self) -> [u8; 32] {
-        self.shared.public.to_bytes()
+        self.shared.keys.read().current.public.to_bytes()
     }
 
     /// Replaces the whole peer set, diffing by public key: unchanged peers keep
     /// their sessions, a changed endpoint or AllowedIPs is updated in place,
-    /// removed peers are dropped, and new peers (or peers whose keepalive
-    /// changed, which boringtun fixes at creation) initiate a handshake at once,
+    /// removed peers are dropped, and new peers initiate a handshake at once,
     /// so that an agent restart re-establishes sessions immediately instead of
     /// after the first packet plus WireGuard's REKEY_TIMEOUT.
+    ///
+    /// A peer whose public key (or keepalive, which boringtun fixes at
+    /// creation) changed while its AllowedIPs stayed the same is the same node
+    /// re-keyed: it keeps its old session for receiving and, until the new
+    /// handshake completes, for sending (see "Key rotation" in the module docs).
     pub fn set_peers(&self, peers: Vec<PeerConfig>) {
         let sh = &self.shared;
         let mut next_index = sh.config_lock.lock();
         let old = sh.peers.read().clone();
-        let own = sh.public.to_bytes();
+        let keys = sh.keys.read().clone();
+        let now = Instant::now();
+        let prev = keys.previous_answering(now);
+        let own: Vec<[u8; 32]> = std::iter::once(&keys.current)
+            .chain(keys.previous.as_ref().map(|(k, _)| k))
+            .map(|k| k.public.to_bytes())
+            .collect();
 
         // Last entry for a key wins, keeping the position of the first.
         let mut wanted: Vec<PeerConfig> = Vec::with_capacity(peers.len());
         let mut pos: HashMap<[u8; 32], usize> = HashMap::new();
         for p in peers {
-            if p.public_key == own {
+            if own.contains(&p.public_key) {
                 tracing::warn!(tun = %sh.tun_name, "ignoring a peer with our own public key");
                 continue;
             }
@@ -603,93 +905,189 @@ impl Engine {
             }
         }
 
-        let mut set = PeerSet::default();
+        let mut alloc = IndexAlloc::new(*next_index, &old);
+        // Exact matches first, so an entry re-keyed by AllowedIPs never takes
+        // over a peer that is still configured under its own key.
+        let exact: Vec<Option<Arc<Peer>>> = wanted
+            .iter()
+            .map(|cfg| {
+                old.by_key
+                    .get(&cfg.public_key)
+                    .filter(|p| {
+                        p.state.lock().config.persistent_keepalive == cfg.persistent_keepalive
+                    })
+                    .cloned()
+            })
+            .collect();
+        let mut claimed: HashSet<u32> = exact.iter().flatten().map(|p| p.id).collect();
+        let mut peers = Vec::with_capacity(wanted.len());
         let mut fresh = Vec::new();
-        for cfg in wanted {
-            let reuse = old
-                .by_key
-                .get(&cfg.public_key)
-                .filter(|p| p.state.lock().config.persistent_keepalive == cfg.persistent_keepalive);
-            let peer = match reuse {
+        let mut rekeyed = 0usize;
+        for (cfg, exact) in wanted.into_iter().zip(exact) {
+            if let Some(p) = exact {
+                let mut st = p.state.lock();
+                // Only an explicit endpoint change overrides a roamed endpoint.
+                if st.config.endpoint != cfg.endpoint {
+                    if let Some(ep) = cfg.endpoint {
+                        st.endpoint = Some(normalize(ep));
+                    }
+                }
+                st.config = cfg;
+                st.ensure_previous_slot(prev, &mut alloc);
+                drop(st);
+                peers.push(p);
+                continue;
+            }
+            let same = old.ordered.iter().find(|p| {
+                if claimed.contains(&p.id) {
+                    return false;
+                }
+                let st = p.state.lock();
+                st.config.public_key == cfg.public_key
+                    || rotation::same_node(&st.config.allowed_ips, &cfg.allowed_ips)
+            });
+            let slot = Slot::new(
+                &keys.current,
+                cfg.public_key,
+                cfg.persistent_keepalive,
+                alloc.take(),
+                None,
+            );
+            let peer = match same {
                 Some(p) => {
+                    claimed.insert(p.id);
                     let mut st = p.state.lock();
-                    // Only an explicit endpoint change overrides a roamed endpoint.
+                    tracing::info!(tun = %sh.tun_name, old = %short_key(&st.config.public_key),
+                        new = %short_key(&cfg.public_key), "peer re-keyed; keeping its old session until the new one is up");
+                    st.replace_current(slot, now + rotation::PEER_REKEY_OVERLAP);
                     if st.config.endpoint != cfg.endpoint {
                         if let Some(ep) = cfg.endpoint {
                             st.endpoint = Some(normalize(ep));
                         }
                     }
-                    st.config = cfg.clone();
+                    st.config = cfg;
+                    st.ensure_previous_slot(prev, &mut alloc);
                     drop(st);
+                    rekeyed += 1;
                     p.clone()
                 }
                 None => {
-                    let index = loop {
-                        let candidate = *next_index;
-                        *next_index = if candidate >= packet::MAX_PEER_INDEX {
-                            1
-                        } else {
-                            candidate + 1
-                        };
-                        if !old.by_index.contains_key(&candidate)
-                            && !set.by_index.contains_key(&candidate)
-                        {
-                            break candidate;
-                        }
+                    let mut st = PeerState {
+                        current: slot,
+                        retiring: Vec::new(),
+                        endpoint: cfg.endpoint.map(normalize),
+                        config: cfg,
+                        retired_tx: 0,
+                        retired_rx: 0,
+                        last_pushed: None,
                     };
-                    let tunn = Tunn::new(
-                        sh.secret.clone(),
-                        PublicKey::from(cfg.public_key),
-                        None,
-                        cfg.persistent_keepalive,
-                        index,
-                        Some(sh.rate_limiter.clone()),
-                    );
-                    let p = Arc::new(Peer {
-                        index,
-                        state: Mutex::new(PeerState {
-                            tunn,
-                            endpoint: cfg.endpoint.map(normalize),
-                            config: cfg.clone(),
-                        }),
-                    });
-                    fresh.push(p.clone());
-                    p
+                    st.ensure_previous_slot(prev, &mut alloc);
+                    Arc::new(Peer {
+                        id: alloc.take(),
+                        state: Mutex::new(st),
+                    })
                 }
             };
-            for net in &cfg.allowed_ips {
-                if let Some(prev) = set.routes.insert(*net, peer.index) {
-                    if prev != peer.index {
-                        tracing::warn!(tun = %sh.tun_name, allowed_ip = %net,
-                            "AllowedIP listed for two peers; the later peer gets it");
-                    }
-                }
-            }
-            set.by_index.insert(peer.index, peer.clone());
-            set.by_key.insert(cfg.public_key, peer.clone());
-            set.ordered.push(peer);
+            fresh.push(peer.clone());
+            peers.push(peer);
         }
+        let set = PeerSet::build(peers, &sh.tun_name);
         let removed = old
-            .by_key
-            .keys()
-            .filter(|k| !set.by_key.contains_key(*k))
+            .ordered
+            .iter()
+            .filter(|p| !set.by_id.contains_key(&p.id))
             .count();
         let total = set.ordered.len();
         *sh.peers.write() = Arc::new(set);
+        *next_index = alloc.next;
         drop(next_index);
-        tracing::info!(tun = %sh.tun_name, peers = total, new = fresh.len(), removed, "peer set updated");
+        tracing::info!(tun = %sh.tun_name, peers = total, new_or_rekeyed = fresh.len(), rekeyed, removed,
+            "peer set updated");
+        sh.initiate(&fresh);
+    }
 
-        let mut buf = [0u8; 256];
-        for p in fresh {
-            let mut st = p.state.lock();
-            let Some(ep) = st.endpoint else { continue };
-            if let TunnResult::WriteToNetwork(init) =
-                st.tunn.format_handshake_initiation(&mut buf, false)
-            {
-                drop(st);
-                sh.send(init, ep);
-            }
+    /// Switches this interface to `new`, used for all new handshakes,
+    /// initiated or answered, while the previous key still answers handshake
+    /// initiations until `grace` has passed, so peers that have not yet seen
+    /// the new announcement keep working. Established sessions keep flowing
+    /// until a handshake with the new key replaces them; one is started at once
+    /// with every peer that has an endpoint. A key still in an earlier grace
+    /// period stops answering (only one previous key is kept).
+    pub fn rotate_key(&self, new: x25519_dalek::StaticSecret, grace: Duration) {
+        let sh = &self.shared;
+        let mut next_index = sh.config_lock.lock();
+        let old_keys = sh.keys.read().clone();
+        let key = LocalKey::new(new);
+        if key.public == old_keys.current.public {
+            tracing::warn!(tun = %sh.tun_name, "rotate_key with the current key; nothing to do");
+            return;
         }
+        let now = Instant::now();
+        // A grace too large to represent means "for as long as we run".
+        let until = now
+            .checked_add(grace)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        *sh.keys.write() = Arc::new(Keys {
+            current: key.clone(),
+            previous: Some((old_keys.current.clone(), until)),
+        });
+        let set = sh.peers.read().clone();
+        let mut alloc = IndexAlloc::new(*next_index, &set);
+        for p in &set.ordered {
+            let mut st = p.state.lock();
+            let slot = Slot::new(
+                &key,
+                st.config.public_key,
+                st.config.persistent_keepalive,
+                alloc.take(),
+                None,
+            );
+            // The old current slot is exactly (previous key, their key): it
+            // answers initiations to the previous key until `until`.
+            st.replace_current(slot, until);
+        }
+        let peers = set.ordered.clone();
+        *sh.peers.write() = Arc::new(PeerSet::build(peers.clone(), &sh.tun_name));
+        *next_index = alloc.next;
+        drop(next_index);
+        tracing::info!(tun = %sh.tun_name, public_key = %short_key(&key.public.to_bytes()),
+            previous = %short_key(&old_keys.current.public.to_bytes()), grace_s = grace.as_secs(),
+            peers = peers.len(), "WireGuard key rotated");
+        sh.initiate(&peers);
+    }
+
+    /// Restores the previous key after a restart during a grace period: it
+    /// answers handshake initiations (from peers that have not seen our current
+    /// key) until `until`. A deadline already past, or our current key, is
+    /// ignored.
+    pub fn set_previous_key(&self, previous: x25519_dalek::StaticSecret, until: SystemTime) {
+        let sh = &self.shared;
+        let mut next_index = sh.config_lock.lock();
+        let Some(until) = rotation::deadline(until, SystemTime::now(), Instant::now()) else {
+            tracing::info!(tun = %sh.tun_name, "previous key's grace period is over; not restoring it");
+            return;
+        };
+        let cur = sh.keys.read().clone();
+        let key = LocalKey::new(previous);
+        if key.public == cur.current.public {
+            tracing::warn!(tun = %sh.tun_name, "set_previous_key with the current key; ignored");
+            return;
+        }
+        *sh.keys.write() = Arc::new(Keys {
+            current: cur.current.clone(),
+            previous: Some((key.clone(), until)),
+        });
+        let set = sh.peers.read().clone();
+        let mut alloc = IndexAlloc::new(*next_index, &set);
+        for p in &set.ordered {
+            p.state
+                .lock()
+                .ensure_previous_slot(Some((&key, until)), &mut alloc);
+        }
+        *sh.peers.write() = Arc::new(PeerSet::build(set.ordered.clone(), &sh.tun_name));
+        *next_index = alloc.next;
+        tracing::info!(tun = %sh.tun_name, previous = %short_key(&key.public.to_bytes()),
+            "previous WireGuard key restored for the rest of its grace period");
     }
 
     pub fn peer_stats(&self) -> Vec<PeerStats> {
@@ -816,9 +1214,20 @@ impl Shared {
                 bump(&self.counters.dropped_no_endpoint);
                 return;
             };
+            let pos = st.send_slot();
             // Without a session boringtun queues the packet and returns a handshake
             // initiation (or Done if one is already in flight).
-            (ep, st.tunn.encapsulate(pkt, out))
+            let result = st.slot_mut(pos).tunn.encapsulate(pkt, out);
+            if pos > 0 {
+                if let TunnResult::WriteToNetwork(p) = &result {
+                    // A retiring slot whose session just lapsed: no handshake
+                    // with a key that is going away (see module docs).
+                    if rotation::is_initiation(p) {
+                        return;
+                    }
+                }
+            }
+            (ep, result)
         };
         match result {
             TunnResult::WriteToNetwork(p) => self.send(p, ep),
@@ -828,6 +1237,23 @@ impl Shared {
                 tracing::debug!(tun = %self.tun_name, error = ?e, "encapsulate failed");
             }
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+
+    /// Sends a handshake initiation from the current slot of each of `peers`
+    /// that has an endpoint (see [`Engine::set_peers`], [`Engine::rotate_key`]).
+    fn initiate(&self, peers: &[Arc<Peer>]) {
+        let mut buf = [0u8; 256];
+        for p in peers {
+            let mut st = p.state.lock();
+            let Some(ep) = st.endpoint else { continue };
+            st.last_pushed = Some(Instant::now());
+            if let TunnResult::WriteToNetwork(init) =
+                st.current.tunn.format_handshake_initiation(&mut buf, false)
+            {
+                drop(st);
+                self.send(init, ep);
+            }
         }
     }
 
@@ -858,46 +1284,101 @@ impl Shared {
     /// One datagram from the network.
     fn inbound(&self, dgram: &[u8], from: SocketAddr, out: &mut [u8]) {
         let c = &self.counters;
-        // MAC1 check (and cookie/MAC2 under load) before any expensive work.
-        let packet = match self.rate_limiter.verify_packet(Some(from.ip()), dgram, out) {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                bump(&c.cookie_replies);
-                self.send(cookie, from);
-                return;
-            }
-            Err(_) => {
-                bump(&c.dropped_invalid);
-                return;
-            }
+        let Ok(packet) = Tunn::parse_incoming_packet(dgram) else {
+            bump(&c.dropped_invalid);
+            return;
         };
-        let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
         let set = self.peers.read().clone();
-        let peer = match packet::demux(&packet, &self.secret, &self.public) {
-            Ok(Demux::Initiation { peer_public }) => match set.by_key.get(&peer_public) {
-                Some(p) => p,
-                None => {
+        let (peer, slot_ref) = match packet {
+            Packet::HandshakeInit(_) => {
+                let keys = self.keys.read().clone();
+                // MAC1 is keyed by the responder's public key (whitepaper
+                // §5.4.4): it tells which of our keys was addressed before any
+                // Diffie-Hellman work, and the cookie check runs under load.
+                let mut addressed = None;
+                for key in keys.answering(Instant::now()) {
+                    match key.limiter.verify_packet(Some(from.ip()), dgram, out) {
+                        Ok(_) => {
+                            addressed = Some(key);
+                            break;
+                        }
+                        Err(TunnResult::WriteToNetwork(cookie)) => {
+                            bump(&c.cookie_replies);
+                            self.send(cookie, from);
+                            return;
+                        }
+                        Err(TunnResult::Err(WireGuardError::InvalidMac)) => continue,
+                        Err(_) => break,
+                    }
+                }
+                let Some(key) = addressed else {
+                    bump(&c.dropped_invalid);
+                    return;
+                };
+                let peer_public = match packet::demux(&packet, &key.secret, &key.public) {
+                    Ok(Demux::Initiation { peer_public }) => peer_public,
+                    _ => {
+                        bump(&c.dropped_invalid);
+                        return;
+                    }
+                };
+                let Some(peer) = set.by_key.get(&peer_public) else {
                     bump(&c.dropped_unknown_peer);
                     tracing::debug!(tun = %self.tun_name, %from, peer = %short_key(&peer_public),
                         "handshake from a key that is not a configured peer");
                     return;
-                }
-            },
-            Ok(Demux::Index { peer_index }) => match set.by_index.get(&peer_index) {
-                Some(p) => p,
-                None => {
+                };
+                (peer, SlotRef::Keys(key.public.to_bytes(), peer_public))
+            }
+            Packet::HandshakeResponse(_) | Packet::PacketCookieReply(_) | Packet::PacketData(_) => {
+                let Ok(Demux::Index { peer_index }) = packet::demux_index(&packet) else {
+                    bump(&c.dropped_invalid);
+                    return;
+                };
+                let Some(peer) = set.by_index.get(&peer_index) else {
                     bump(&c.dropped_no_session);
                     return;
-                }
-            },
-            Err(_) => {
-                bump(&c.dropped_invalid);
-                return;
+                };
+                (peer, SlotRef::Index(peer_index))
             }
         };
+        let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
 
         let mut st = peer.state.lock();
-        let result = st.tunn.decapsulate(Some(from.ip()), dgram, out);
+        let pos = match slot_ref {
+            SlotRef::Keys(local, remote) => st.position(|s| s.local == local && s.remote == remote),
+            SlotRef::Index(index) => st.position(|s| s.index == index),
+        };
+        let Some(pos) = pos else {
+            match slot_ref {
+                SlotRef::Keys(_, remote) => {
+                    bump(&c.dropped_unknown_peer);
+                    tracing::debug!(tun = %self.tun_name, %from, peer = %short_key(&remote),
+                        "handshake to a key with no session slot for this peer");
+                }
+                // A slot retired since the snapshot was taken.
+                SlotRef::Index(_) => bump(&c.dropped_no_session),
+            }
+            return;
+        };
+        let slot = st.slot_mut(pos);
+        if matches!(packet, Packet::HandshakeResponse(_)) {
+            // MAC1 (and the cookie under load) with the key this slot used,
+            // before the Diffie-Hellman work in decapsulate.
+            match slot.limiter.verify_packet(Some(from.ip()), dgram, out) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    bump(&c.cookie_replies);
+                    self.send(cookie, from);
+                    return;
+                }
+                Err(_) => {
+                    bump(&c.dropped_invalid);
+                    return;
+                }
+            }
+        }
+        let result = slot.tunn.decapsulate(Some(from.ip()), dgram, out);
         if let TunnResult::Err(e) = &result {
             match e {
                 WireGuardError::NoCurrentSession => bump(&c.dropped_no_session),
@@ -919,11 +1400,11 @@ impl Shared {
                 true
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                self.deliver(&set, peer.index, p, IpAddr::V4(src));
+                self.deliver(&set, peer.id, p, IpAddr::V4(src));
                 false
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                self.deliver(&set, peer.index, p, IpAddr::V6(src));
+                self.deliver(&set, peer.id, p, IpAddr::V6(src));
                 false
             }
             TunnResult::Done | TunnResult::Err(_) => false,
@@ -932,7 +1413,9 @@ impl Shared {
             // A completed handshake releases the packets queued while it ran:
             // boringtun hands them out one per call with an empty datagram.
             let ep = st.endpoint.unwrap_or(from);
-            while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], out) {
+            while let TunnResult::WriteToNetwork(p) =
+                st.slot_mut(pos).tunn.decapsulate(None, &[], out)
+            {
                 self.send(p, ep);
             }
         }
@@ -957,29 +1440,62 @@ impl Shared {
 
     fn timer_loop(&self) {
         let mut buf = vec![0u8; MAX_PACKET + WG_OVERHEAD];
+        let mut sends: Vec<Vec<u8>> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(TIMER_TICK);
-            // Peers share one limiter, so boringtun does not reset it per peer.
-            self.rate_limiter.reset_count();
+            // Peers share one limiter per key, so boringtun does not reset them per peer.
+            let keys = self.keys.read().clone();
+            keys.current.limiter.reset_count();
+            if let Some((k, _)) = &keys.previous {
+                k.limiter.reset_count();
+            }
             let set = self.peers.read().clone();
+            let now = Instant::now();
             for peer in &set.ordered {
                 let mut st = peer.state.lock();
                 let ep = st.endpoint;
-                match st.tunn.update_timers(&mut buf) {
-                    TunnResult::WriteToNetwork(p) => {
-                        drop(st);
-                        match ep {
-                            Some(ep) => self.send(p, ep),
-                            None => bump(&self.counters.dropped_no_endpoint),
+                let state = &mut *st;
+                for (pos, slot) in std::iter::once(&mut state.current)
+                    .chain(state.retiring.iter_mut())
+                    .enumerate()
+                {
+                    match slot.tunn.update_timers(&mut buf) {
+                        // Retiring slots start no handshakes (module docs).
+                        TunnResult::WriteToNetwork(p) if pos > 0 && rotation::is_initiation(p) => {}
+                        TunnResult::WriteToNetwork(p) => sends.push(p.to_vec()),
+                        // Expected after REKEY_ATTEMPT_TIME without an answer; a new
+                        // packet for the peer starts over.
+                        TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                        TunnResult::Err(e) => {
+                            tracing::debug!(tun = %self.tun_name, error = ?e, "timer error")
                         }
+                        _ => {}
                     }
-                    // Expected after REKEY_ATTEMPT_TIME without an answer; a new
-                    // packet for the peer starts over.
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {}
-                    TunnResult::Err(e) => {
-                        tracing::debug!(tun = %self.tun_name, error = ?e, "timer error")
+                }
+                if st.prune(now) {
+                    tracing::debug!(tun = %self.tun_name, peer = %short_key(&st.config.public_key),
+                        left = st.retiring.len(), "retired old session slots");
+                }
+                let current_usable = st.current.usable();
+                if rotation::should_push_handshake(
+                    !st.retiring.is_empty(),
+                    current_usable,
+                    st.last_pushed,
+                    now,
+                ) {
+                    st.last_pushed = Some(now);
+                    if let TunnResult::WriteToNetwork(p) =
+                        st.current.tunn.format_handshake_initiation(&mut buf, false)
+                    {
+                        sends.push(p.to_vec());
                     }
-                    _ => {}
+                }
+                drop(st);
+                for p in sends.drain(..) {
+                    match ep {
+                        Some(ep) => self.send(&p, ep),
+                        None => bump(&self.counters.dropped_no_endpoint),
+                    }
                 }
             }
         }
@@ -1012,18 +1528,27 @@ impl Shared {
             .iter()
             .map(|p| {
                 let st = p.state.lock();
-                let (since, tx, rx, _, _) = st.tunn.stats();
+                let sending = st.slot(st.send_slot());
+                // A session older than Reject-After-Time can no longer carry
+                // data (whitepaper §6.1), even if boringtun keeps it.
+                let has_session = sending.usable();
+                let youngest = st.slots().filter_map(Slot::age).min();
+                let (mut tx, mut rx) = (st.retired_tx, st.retired_rx);
+                for s in st.slots() {
+                    let (_, t, r, _, _) = s.tunn.stats();
+                    tx += t as u64;
+                    rx += r as u64;
+                }
                 uapi::PeerView {
                     stats: PeerStats {
                         public_key: st.config.public_key,
                         endpoint: st.endpoint,
                         allowed_ips: st.config.allowed_ips.clone(),
-                        last_handshake: since.and_then(|d| now.checked_sub(d)),
-                        rx_bytes: rx as u64,
-                        tx_bytes: tx as u64,
-                        // A session older than Reject-After-Time can no longer
-                        // carry data (whitepaper §6.1), even if boringtun keeps it.
-                        has_session: since.is_some_and(|d| d < REJECT_AFTER_TIME),
+                        last_handshake: youngest.and_then(|d| now.checked_sub(d)),
+                        rx_bytes: rx,
+                        tx_bytes: tx,
+                        has_session,
+                        session_key: has_session.then_some(sending.local),
                     },
                     persistent_keepalive: st.config.persistent_keepalive,
                 }
@@ -1034,7 +1559,7 @@ impl Shared {
 
 impl uapi::UapiSource for Shared {
     fn private_key(&self) -> [u8; 32] {
-        self.secret.to_bytes()
+        self.keys.read().current.secret.to_bytes()
     }
     fn listen_port(&self) -> u16 {
         self.listen_port
@@ -1065,6 +1590,133 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A full handshake between two in-memory `Tunn`s, ending with the
+    /// initiator's keepalive so both sides have a current session.
+    fn handshake(init: &mut Tunn, resp: &mut Tunn) {
+        let (mut b1, mut b2) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let TunnResult::WriteToNetwork(i) = init.format_handshake_initiation(&mut b1, false) else {
+            panic!("no initiation")
+        };
+        let i = i.to_vec();
+        let TunnResult::WriteToNetwork(r) = resp.decapsulate(None, &i, &mut b2) else {
+            panic!("no response")
+        };
+        let r = r.to_vec();
+        let TunnResult::WriteToNetwork(k) = init.decapsulate(None, &r, &mut b1) else {
+            panic!("no keepalive")
+        };
+        let k = k.to_vec();
+        assert!(matches!(
+            resp.decapsulate(None, &k, &mut b2),
+            TunnResult::Done
+        ));
+    }
+
+    fn remote(key: &x25519_dalek::StaticSecret, ours: &LocalKey, index: u32) -> Tunn {
+        Tunn::new(key.clone(), ours.public, None, None, index, None)
+    }
+
+    #[test]
+    fn old_session_carries_traffic_until_the_new_one_is_up() {
+        let k0 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let k1 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let kb = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+        let kb_pub = PublicKey::from(&kb).to_bytes();
+        let cfg = PeerConfig {
+            public_key: kb_pub,
+            endpoint: None,
+            allowed_ips: vec!["10.244.2.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+        };
+        let mut st = PeerState {
+            current: Slot::new(&k0, kb_pub, None, 10, None),
+            retiring: Vec::new(),
+            endpoint: None,
+            config: cfg,
+            retired_tx: 0,
+            retired_rx: 0,
+            last_pushed: None,
+        };
+        let mut b_old = remote(&kb, &k0, 100);
+        handshake(&mut st.current.tunn, &mut b_old);
+        assert_eq!(st.send_slot(), 0);
+
+        // Rotate: the new current slot has no session yet, so the old one sends.
+        let now = Instant::now();
+        st.replace_current(Slot::new(&k1, kb_pub, None, 11, None), now);
+        assert_eq!(st.send_slot(), 1);
+        assert_eq!(st.slot(1).local, k0.public.to_bytes());
+        let mut out = vec![0u8; 256];
+        let pkt = [0x45u8; 40];
+        assert!(matches!(
+            st.slot_mut(st.send_slot()).tunn.encapsulate(&pkt, &mut out),
+            TunnResult::WriteToNetwork(_)
+        ));
+        // Past its deadline the old slot stays while it is the only carrier.
+        assert!(!st.prune(now + Duration::from_secs(1)));
+        assert_eq!(st.retiring.len(), 1);
+
+        // The peer learns the new key and initiates: the new session takes over.
+        let mut b_new = remote(&kb, &k1, 101);
+        handshake(&mut b_new, &mut st.current.tunn);
+        assert_eq!(st.send_slot(), 0);
+        assert!(
+            !st.prune(now - Duration::from_secs(1)),
+            "not before its deadline"
+        );
+        assert!(st.prune(now + Duration::from_secs(1)));
+        assert!(st.retiring.is_empty());
+        assert_eq!(
+            st.retired_tx,
+            pkt.len() as u64,
+            "counts of dropped slots are kept"
+        );
+    }
+
+    #[test]
+    fn previous_key_slot_is_created_once_and_trimmed() {
+        let k0 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let k1 = LocalKey::new(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let cfg = PeerConfig {
+            public_key: [7; 32],
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: None,
+        };
+        let mut st = PeerState {
+            current: Slot::new(&k1, [7; 32], None, 1, None),
+            retiring: Vec::new(),
+            endpoint: None,
+            config: cfg,
+            retired_tx: 0,
+            retired_rx: 0,
+            last_pushed: None,
+        };
+        let mut alloc = IndexAlloc {
+            next: 5,
+            used: HashSet::from([6]),
+        };
+        let until = Instant::now() + Duration::from_secs(9);
+        st.ensure_previous_slot(Some((&k0, until)), &mut alloc);
+        st.ensure_previous_slot(Some((&k0, until)), &mut alloc);
+        assert_eq!(st.retiring.len(), 1);
+        assert_eq!(st.retiring[0].index, 5);
+        assert_eq!(st.retiring[0].retire_at, Some(until));
+        assert_eq!(alloc.take(), 7, "indices in use are skipped");
+        for i in 0..10 {
+            st.add_retiring(Slot::new(&k0, [i; 32], None, 20 + u32::from(i), None));
+        }
+        assert_eq!(st.retiring.len(), rotation::MAX_RETIRING);
     }
 
     #[test]

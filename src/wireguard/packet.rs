@@ -100,15 +100,21 @@ pub fn demux(
                 peer_public: half.peer_static_public,
             }
         }
-        Packet::HandshakeResponse(r) => Demux::Index {
-            peer_index: peer_index_of(r.receiver_idx),
-        },
-        Packet::PacketCookieReply(c) => Demux::Index {
-            peer_index: peer_index_of(c.receiver_idx),
-        },
-        Packet::PacketData(d) => Demux::Index {
-            peer_index: peer_index_of(d.receiver_idx),
-        },
+        _ => demux_index(packet)?,
+    })
+}
+
+/// Routes a response, cookie reply or data message by the receiver index we
+/// chose; initiations carry none (use [`demux`]) and are refused here.
+pub fn demux_index(packet: &Packet<'_>) -> Result<Demux, WireGuardError> {
+    let receiver = match packet {
+        Packet::HandshakeInit(_) => return Err(WireGuardError::InvalidPacket),
+        Packet::HandshakeResponse(r) => r.receiver_idx,
+        Packet::PacketCookieReply(c) => c.receiver_idx,
+        Packet::PacketData(d) => d.receiver_idx,
+    };
+    Ok(Demux::Index {
+        peer_index: peer_index_of(receiver),
     })
 }
 
@@ -220,6 +226,9 @@ mod tests {
         // An initiation not meant for us does not decrypt.
         let c = key(3);
         assert!(demux_bytes(&init, &c, &PublicKey::from(&c)).is_err());
+        // Initiations carry no receiver index: the index-only path refuses them.
+        let parsed = Tunn::parse_incoming_packet(&init).unwrap();
+        assert!(demux_index(&parsed).is_err());
 
         let resp = match tb.decapsulate(None, &init, &mut buf2) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),

@@ -295,6 +295,7 @@ mod tests {
                 rx_bytes: 10,
                 tx_bytes: 20,
                 has_session: true,
+                session_key: Some([0xcd; 32]),
             },
             persistent_keepalive: Some(25),
         }

@@ -1,0 +1,231 @@
+//! Pure rules of hitless key rotation (see "Key rotation" in the engine's
+//! module docs): which session slot carries outgoing traffic, when a retiring
+//! slot may go, when a peer entry with a new key is the same node, and when to
+//! push a handshake with the new key. No locks, sockets or clocks of its own:
+//! the engine passes ages and instants in, so everything here is unit-tested.
+
+use ipnet::IpNet;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Reject-After-Time from the WireGuard whitepaper §6.1: a session older than
+/// this can no longer carry data, whatever boringtun still holds.
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+
+/// REKEY_TIMEOUT from the whitepaper §6.1: the least time between two
+/// handshake initiations we push for the same slot.
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a slot made obsolete by a peer's new key keeps decrypting after the
+/// new session is up, so datagrams already in flight under the old session (or
+/// reordered behind the first new ones) are not lost.
+pub const PEER_REKEY_OVERLAP: Duration = Duration::from_secs(10);
+
+/// Retiring slots kept per peer at most; beyond this the oldest goes first.
+/// Each is one `Tunn` (a few KiB), and in practice at most two exist (our
+/// previous key and the peer's previous key).
+pub const MAX_RETIRING: usize = 4;
+
+/// Whether a session of this age (`None`: no session) can encrypt now.
+pub fn usable(age: Option<Duration>) -> bool {
+    age.is_some_and(|a| a < REJECT_AFTER_TIME)
+}
+
+/// Which slot encrypts an outgoing packet. `ages[0]` is the current slot (our
+/// current key, the peer's configured key); the others are retiring.
+///
+/// The current slot wins as soon as it has a session. Until then the youngest
+/// usable retiring session carries the traffic, which is what makes rotation
+/// hitless: the old session keeps flowing while the new handshake is pending
+/// (for instance because the peer has not seen our new key yet). With no usable
+/// session anywhere the current slot is used, so boringtun queues the packet
+/// and starts a handshake with the current keys.
+pub fn send_slot(ages: impl IntoIterator<Item = Option<Duration>>) -> usize {
+    let mut best: Option<(usize, Duration)> = None;
+    for (i, age) in ages.into_iter().enumerate() {
+        if !usable(age) {
+            continue;
+        }
+        let Some(age) = age else { continue };
+        if i == 0 {
+            return 0;
+        }
+        if best.is_none_or(|(_, b)| age < b) {
+            best = Some((i, age));
+        }
+    }
+    best.map_or(0, |(i, _)| i)
+}
+
+/// Whether a retiring slot can be dropped: not before `retire_at`, and then
+/// only once the current slot carries traffic or the retiring one has nothing
+/// left to carry. So traffic never depends on a slot we removed.
+pub fn should_retire(
+    now: Instant,
+    retire_at: Instant,
+    slot_usable: bool,
+    current_usable: bool,
+) -> bool {
+    now >= retire_at && (current_usable || !slot_usable)
+}
+
+/// Whether our previous key still answers handshake initiations.
+pub fn answering(now: Instant, until: Instant) -> bool {
+    now < until
+}
+
+/// Whether a peer entry with a new public key is the same node as an existing
+/// entry: identical, non-empty AllowedIPs (as sets). A node's pod CIDRs do not
+/// change when it rotates its key, and AllowedIPs are unique per peer, so this
+/// is what lets us keep the old session while the new one comes up.
+pub fn same_node(old: &[IpNet], new: &[IpNet]) -> bool {
+    if old.is_empty() || new.is_empty() {
+        return false;
+    }
+    let a: BTreeSet<IpNet> = old.iter().map(|n| n.trunc()).collect();
+    let b: BTreeSet<IpNet> = new.iter().map(|n| n.trunc()).collect();
+    a == b
+}
+
+/// Converts a wall-clock deadline (as persisted by the agent) to a monotonic
+/// one; `None` if it has passed. Monotonic time is what the engine compares
+/// against, so a later clock step does not stretch or cut the grace period.
+pub fn deadline(until: SystemTime, now_wall: SystemTime, now: Instant) -> Option<Instant> {
+    let left = until.duration_since(now_wall).ok()?;
+    if left.is_zero() {
+        return None;
+    }
+    now.checked_add(left)
+}
+
+/// Whether to push a handshake initiation for the current slot from the timer:
+/// only while an old session is standing in for it (otherwise boringtun's own
+/// timers are enough) and at most every [`REKEY_TIMEOUT`]. boringtun gives up
+/// on a handshake after REKEY_ATTEMPT_TIME, and since the old session carries
+/// the packets, nothing would otherwise start a new one.
+pub fn should_push_handshake(
+    has_retiring: bool,
+    current_usable: bool,
+    last_pushed: Option<Instant>,
+    now: Instant,
+) -> bool {
+    has_retiring
+        && !current_usable
+        && last_pushed.is_none_or(|t| now.saturating_duration_since(t) >= REKEY_TIMEOUT)
+}
+
+/// Whether a WireGuard message is a handshake initiation (message type 1, a
+/// little-endian u32 as in the whitepaper §5.4.2). Retiring slots must not
+/// start handshakes: they would only prolong a key that is going away.
+pub fn is_initiation(datagram: &[u8]) -> bool {
+    datagram.get(..4) == Some(&[1, 0, 0, 0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Option<Duration> = |s| Some(Duration::from_secs(s));
+
+    #[test]
+    fn current_slot_wins_once_it_has_a_session() {
+        assert_eq!(send_slot([S(100), S(1)]), 0);
+        assert_eq!(send_slot([S(0)]), 0);
+    }
+
+    #[test]
+    fn old_session_stands_in_for_a_pending_handshake() {
+        assert_eq!(send_slot([None, S(50)]), 1);
+        // The youngest usable retiring session, skipping dead ones.
+        assert_eq!(send_slot([None, S(50), S(3), S(200)]), 2);
+        assert_eq!(send_slot([S(180), S(7)]), 1, "an expired current session");
+    }
+
+    #[test]
+    fn no_session_anywhere_uses_the_current_slot() {
+        assert_eq!(send_slot([None, None]), 0);
+        assert_eq!(send_slot([None, S(180), S(999)]), 0);
+        assert_eq!(send_slot(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn usable_respects_reject_after_time() {
+        assert!(!usable(None));
+        assert!(usable(S(0)));
+        assert!(usable(Some(REJECT_AFTER_TIME - Duration::from_millis(1))));
+        assert!(!usable(Some(REJECT_AFTER_TIME)));
+    }
+
+    #[test]
+    fn retiring_slots_wait_for_deadline_and_replacement() {
+        let t = Instant::now();
+        let later = t + Duration::from_secs(5);
+        // Before the deadline: always kept.
+        assert!(!should_retire(t, later, true, true));
+        assert!(!should_retire(t, later, false, false));
+        // After: kept only while it is the sole carrier of traffic.
+        assert!(!should_retire(later, later, true, false));
+        assert!(should_retire(later, later, true, true));
+        assert!(should_retire(later, later, false, false));
+        assert!(should_retire(later, later, false, true));
+    }
+
+    #[test]
+    fn previous_key_answers_until_the_deadline_only() {
+        let t = Instant::now();
+        let until = t + Duration::from_secs(1);
+        assert!(answering(t, until));
+        assert!(!answering(until, until));
+        assert!(!answering(until + Duration::from_secs(1), until));
+    }
+
+    #[test]
+    fn same_node_compares_allowed_ips_as_sets() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let a = [n("10.244.1.0/24"), n("fd00:1::/64")];
+        let b = [n("fd00:1::/64"), n("10.244.1.0/24")];
+        assert!(same_node(&a, &b));
+        // Host bits do not make a different network.
+        assert!(same_node(&[n("10.244.1.7/24")], &[n("10.244.1.0/24")]));
+        assert!(!same_node(&a, &a[..1]));
+        assert!(!same_node(&[n("10.244.1.0/24")], &[n("10.244.2.0/24")]));
+        assert!(!same_node(&[], &[]), "no AllowedIPs identify no node");
+    }
+
+    #[test]
+    fn wall_clock_deadlines_become_monotonic() {
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let now = Instant::now();
+        assert_eq!(
+            deadline(wall + Duration::from_secs(30), wall, now),
+            Some(now + Duration::from_secs(30))
+        );
+        assert_eq!(deadline(wall, wall, now), None);
+        assert_eq!(deadline(wall - Duration::from_secs(1), wall, now), None);
+    }
+
+    #[test]
+    fn handshakes_are_pushed_only_while_standing_in_and_not_too_often() {
+        let t = Instant::now();
+        assert!(should_push_handshake(true, false, None, t));
+        assert!(!should_push_handshake(false, false, None, t));
+        assert!(!should_push_handshake(true, true, None, t));
+        let soon = t + Duration::from_secs(1);
+        assert!(!should_push_handshake(true, false, Some(t), soon));
+        assert!(should_push_handshake(
+            true,
+            false,
+            Some(t),
+            t + REKEY_TIMEOUT
+        ));
+    }
+
+    #[test]
+    fn initiations_are_recognised_by_type() {
+        assert!(is_initiation(&[1, 0, 0, 0, 9, 9]));
+        assert!(!is_initiation(&[2, 0, 0, 0]));
+        assert!(!is_initiation(&[4, 0, 0, 0]));
+        assert!(!is_initiation(&[1, 0, 0]));
+        assert!(!is_initiation(&[]));
+    }
+}
