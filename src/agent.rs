@@ -60,36 +60,6 @@ const RESIGN_BEFORE_EXPIRY: Duration = Duration::from_secs(12 * 3600);
 /// period plus a handshake) keep working meanwhile.
 pub const ROTATION_GRACE: Duration = Duration::from_secs(120);
 
-/// ADAPTER, to remove when the engine's hitless rotation (branch `rotate`:
-/// `Engine::rotate_key(new, grace)`) is merged: set this to `true` and make
-/// [`engine_rotate_key`] call it. Until then a rotation request is logged
-/// and not carried out, because switching the key with plain `set_peers`
-/// is impossible (the static key is fixed at `Engine::start`) and a restart
-/// of the engine would drop every session.
-const ENGINE_CAN_ROTATE: bool = false;
-
-/// See [`ENGINE_CAN_ROTATE`]. With the rotate branch merged the body is
-/// `engine.rotate_key(new.as_static_secret().clone(), grace); Ok(())`.
-fn engine_rotate_key(
-    engine: &Engine,
-    new: &keymgr::WireGuardPrivateKey,
-    grace: Duration,
-) -> Result<(), String> {
-    let _ = (engine, new, grace);
-    Err("this build's WireGuard engine cannot switch its static key in place".into())
-}
-
-/// See [`ENGINE_CAN_ROTATE`]. With the rotate branch merged the body is
-/// `engine.set_previous_key(previous.as_static_secret().clone(), until); Ok(())`.
-fn engine_set_previous_key(
-    engine: &Engine,
-    previous: &keymgr::WireGuardPrivateKey,
-    until: std::time::SystemTime,
-) -> Result<(), String> {
-    let _ = (engine, previous, until);
-    Err("this build's WireGuard engine cannot answer for a previous key".into())
-}
-
 /// Validity of a certificate issued by auto-approve.
 pub const AUTO_APPROVE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -477,12 +447,6 @@ impl Node {
                 return;
             }
         };
-        if !ENGINE_CAN_ROTATE {
-            self.rotation_note(format!(
-                "rotation to generation {want} requested, but this build's engine cannot rotate without disruption; not rotating"
-            ));
-            return;
-        }
         let (old, new) = match store.rotate_wireguard() {
             Ok(pair) => pair,
             Err(e) => {
@@ -490,17 +454,17 @@ impl Node {
                 return;
             }
         };
-        if let Err(e) = engine_rotate_key(&self.engine, &new.key, ROTATION_GRACE) {
-            // The store already holds the new key; a restart would use it.
-            error!("switching the engine to the new key: {e}");
-            return;
-        }
+        // Hitless: the engine keeps answering handshakes for the old key
+        // for the grace period and moves every session to the new one.
+        self.engine
+            .rotate_key(new.key.as_static_secret().clone(), ROTATION_GRACE);
         self.generation = new.generation;
         self.previous_until = Some(std::time::Instant::now() + ROTATION_GRACE);
         self.rotation_problem = None;
         info!(
             old_generation = old.generation,
             new_generation = new.generation,
+            requested_generation = want,
             public_key = %PublicKey(new.key.public_key()),
             grace_secs = ROTATION_GRACE.as_secs(),
             "rotated the WireGuard key"
@@ -668,23 +632,16 @@ fn restore_previous_key(store: &keymgr::KeyStore, engine: &Engine) -> Option<std
     let until = rotated_at + ROTATION_GRACE;
     let left = until.duration_since(std::time::SystemTime::now()).ok();
     match left {
-        Some(left) if ENGINE_CAN_ROTATE => {
-            match engine_set_previous_key(engine, &previous.key, until) {
-                Ok(()) => {
-                    info!(
-                        generation = previous.generation,
-                        secs_left = left.as_secs(),
-                        "still answering handshakes for the previous WireGuard key"
-                    );
-                    Some(std::time::Instant::now() + left)
-                }
-                Err(e) => {
-                    warn!("restoring the previous WireGuard key: {e}");
-                    None
-                }
-            }
+        Some(left) => {
+            engine.set_previous_key(previous.key.as_static_secret().clone(), until);
+            info!(
+                generation = previous.generation,
+                secs_left = left.as_secs(),
+                "still answering handshakes for the previous WireGuard key"
+            );
+            Some(std::time::Instant::now() + left)
         }
-        // Grace period over (or no engine support): the next pass deletes it.
+        // Grace period over: the next pass deletes it.
         _ => Some(std::time::Instant::now()),
     }
 }
