@@ -37,7 +37,7 @@ pub const REMOTE_HAS_PEER: u32 = 1 << 0;
 pub const REMOTE_LOCAL: u32 = 1 << 1;
 
 /// Number of slots in `veil_metrics` (`METRICS_MAX`).
-pub const METRICS_MAX: u32 = 8;
+pub const METRICS_MAX: u32 = 10;
 
 /// The mark a program stamps for `identity` (`identity_mark()` in maps.h).
 pub const fn identity_mark(identity: u32) -> u32 {
