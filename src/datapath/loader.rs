@@ -20,6 +20,9 @@ use crate::identity::Identity;
 use crate::policy::compile::{EntryKey, EntryValue};
 use crate::policy::Compiled;
 
+/// (source identity, destination identity, direction of the failed check, reason).
+pub type PolicyDrop = (u32, u32, crate::policy::Direction, Reason);
+
 /// The linked object built by build.rs (both programs, one set of maps).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
 
@@ -574,9 +577,7 @@ impl Datapath {
 
     /// Policy drops: packets per (source identity, destination identity,
     /// direction of the failed check, reason).
-    pub fn policy_drops(
-        &self,
-    ) -> Result<BTreeMap<(u32, u32, crate::policy::Direction, Reason), u64>, Error> {
+    pub fn policy_drops(&self) -> Result<BTreeMap<PolicyDrop, u64>, Error> {
         let mut out = BTreeMap::new();
         for item in self.policy_drops.iter() {
             let (k, n) = item.map_err(|source| Error::Map {
