@@ -144,11 +144,13 @@ impl Env {
         .return_value
     }
 
-    fn from_pod(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> u32 {
+    /// Runs `from_pod` (the pod sends).
+    fn egress(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> u32 {
         self.run(Hook::FromPod, &frame(src, dst, proto, sport, dport))
     }
 
-    fn to_pod(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> u32 {
+    /// Runs `to_pod` (a decrypted packet arrives).
+    fn from_tunnel(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> u32 {
         self.run(Hook::ToPod, &frame(src, dst, proto, sport, dport))
     }
 
@@ -188,15 +190,15 @@ const DB_FROM_WEB_5432: &str = "metadata: {name: db, namespace: prod}\nspec:\n  
 fn allow_and_default_deny_same_node_and_from_the_tunnel() {
     let mut env = Env::new();
     // No policy: everything passes.
-    assert_eq!(env.from_pod(WEB, DB, TCP, 40000, 80), TC_ACT_OK);
+    assert_eq!(env.egress(WEB, DB, TCP, 40000, 80), TC_ACT_OK);
     env.np(DB_FROM_WEB_5432);
     env.apply();
-    assert_eq!(env.from_pod(WEB, DB, TCP, 40001, 5432), TC_ACT_OK);
-    assert_eq!(env.from_pod(WEB, DB, TCP, 40002, 80), TC_ACT_SHOT);
-    assert_eq!(env.from_pod(WEB, DB, UDP, 40003, 5432), TC_ACT_SHOT);
+    assert_eq!(env.egress(WEB, DB, TCP, 40001, 5432), TC_ACT_OK);
+    assert_eq!(env.egress(WEB, DB, TCP, 40002, 80), TC_ACT_SHOT);
+    assert_eq!(env.egress(WEB, DB, UDP, 40003, 5432), TC_ACT_SHOT);
     // From another node: judged at to_pod on the authenticated source.
-    assert_eq!(env.to_pod(TOOL, DB, TCP, 40004, 5432), TC_ACT_SHOT);
-    assert_eq!(env.to_pod(WEB, DB, TCP, 40005, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 40004, 5432), TC_ACT_SHOT);
+    assert_eq!(env.from_tunnel(WEB, DB, TCP, 40005, 5432), TC_ACT_REDIRECT);
     assert_eq!(env.drops(Reason::DropPolicy), 3);
     let drops = env.dp.policy_drops().expect("drops");
     let (w, d, t) = (
@@ -207,7 +209,7 @@ fn allow_and_default_deny_same_node_and_from_the_tunnel() {
     assert_eq!(drops[&(w, d, Direction::Ingress, Reason::DropPolicy)], 2);
     assert_eq!(drops[&(t, d, Direction::Ingress, Reason::DropPolicy)], 1);
     // web is not isolated: its other traffic still flows.
-    assert_eq!(env.from_pod(WEB, TOOL, TCP, 40006, 443), TC_ACT_REDIRECT);
+    assert_eq!(env.egress(WEB, TOOL, TCP, 40006, 443), TC_ACT_REDIRECT);
 }
 
 #[test]
@@ -216,11 +218,11 @@ fn veil_deny_wins_over_allow_on_egress() {
     env.np("metadata: {name: out, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {}}]}]\n");
     env.vp("apiVersion: veil.dev/v1alpha1\nkind: VeilPolicy\nmetadata: {name: nodns, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  egressDeny: [{to: [{namespaceSelector: {matchLabels: {env: dev}}}], ports: [{protocol: UDP, port: 53}]}]\n");
     env.apply();
-    assert_eq!(env.from_pod(WEB, TOOL, UDP, 5000, 53), TC_ACT_SHOT);
-    assert_eq!(env.from_pod(WEB, TOOL, UDP, 5000, 54), TC_ACT_REDIRECT);
-    assert_eq!(env.from_pod(WEB, TOOL, TCP, 5000, 53), TC_ACT_REDIRECT);
+    assert_eq!(env.egress(WEB, TOOL, UDP, 5000, 53), TC_ACT_SHOT);
+    assert_eq!(env.egress(WEB, TOOL, UDP, 5000, 54), TC_ACT_REDIRECT);
+    assert_eq!(env.egress(WEB, TOOL, TCP, 5000, 53), TC_ACT_REDIRECT);
     assert_eq!(
-        env.from_pod(WEB, OUTSIDE, TCP, 5000, 80),
+        env.egress(WEB, OUTSIDE, TCP, 5000, 80),
         TC_ACT_SHOT,
         "world is not a namespace"
     );
@@ -241,30 +243,30 @@ fn reply_of_an_allowed_connection_passes_new_connections_back_are_judged() {
     env.np("metadata: {name: web, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  egress: [{to: [{namespaceSelector: {}}], ports: [{port: 80}]}]\n");
     env.apply();
     assert_eq!(
-        env.to_pod(TOOL, WEB, TCP, 80, 41000),
+        env.from_tunnel(TOOL, WEB, TCP, 80, 41000),
         TC_ACT_SHOT,
         "no connection yet"
     );
-    assert_eq!(env.from_pod(WEB, TOOL, TCP, 41000, 80), TC_ACT_REDIRECT);
+    assert_eq!(env.egress(WEB, TOOL, TCP, 41000, 80), TC_ACT_REDIRECT);
     assert_eq!(
-        env.to_pod(TOOL, WEB, TCP, 80, 41000),
+        env.from_tunnel(TOOL, WEB, TCP, 80, 41000),
         TC_ACT_REDIRECT,
         "the reply"
     );
     assert_eq!(
-        env.from_pod(WEB, TOOL, TCP, 41000, 80),
+        env.egress(WEB, TOOL, TCP, 41000, 80),
         TC_ACT_REDIRECT,
         "and on"
     );
     // A new connection from tool to web, even from port 80, is its own flow.
-    assert_eq!(env.to_pod(TOOL, WEB, TCP, 80, 41001), TC_ACT_SHOT);
-    assert_eq!(env.to_pod(TOOL, WEB, TCP, 41000, 80), TC_ACT_SHOT);
+    assert_eq!(env.from_tunnel(TOOL, WEB, TCP, 80, 41001), TC_ACT_SHOT);
+    assert_eq!(env.from_tunnel(TOOL, WEB, TCP, 41000, 80), TC_ACT_SHOT);
     // Same node: db replying to web's allowed connection.
     env.np("metadata: {name: web2, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n");
     env.apply();
-    assert_eq!(env.from_pod(DB, WEB, TCP, 5432, 42000), TC_ACT_SHOT);
-    assert_eq!(env.from_pod(WEB, DB, TCP, 42000, 5432), TC_ACT_OK);
-    assert_eq!(env.from_pod(DB, WEB, TCP, 5432, 42000), TC_ACT_OK);
+    assert_eq!(env.egress(DB, WEB, TCP, 5432, 42000), TC_ACT_SHOT);
+    assert_eq!(env.egress(WEB, DB, TCP, 42000, 5432), TC_ACT_OK);
+    assert_eq!(env.egress(DB, WEB, TCP, 5432, 42000), TC_ACT_OK);
 }
 
 #[test]
@@ -272,19 +274,22 @@ fn unknown_source_identity_is_world_and_ip_blocks_name_it() {
     let mut env = Env::new();
     env.np("metadata: {name: pods, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n");
     env.apply();
-    assert_eq!(env.to_pod(OUTSIDE, DB, TCP, 1234, 5432), TC_ACT_SHOT);
-    assert_eq!(env.to_pod(TOOL, DB, TCP, 1234, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.from_tunnel(OUTSIDE, DB, TCP, 1234, 5432), TC_ACT_SHOT);
+    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 1234, 5432), TC_ACT_REDIRECT);
     env.np("metadata: {name: outside, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 198.51.100.0/24, except: [198.51.100.0/30]}}]}]\n");
     let (c, _) = env.apply();
     assert_eq!(c.cidrs.len(), 2);
-    assert_eq!(env.to_pod(OUTSIDE, DB, TCP, 1235, 5432), TC_ACT_REDIRECT);
     assert_eq!(
-        env.to_pod(Ipv4Addr::new(198, 51, 100, 2), DB, TCP, 1235, 5432),
+        env.from_tunnel(OUTSIDE, DB, TCP, 1235, 5432),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        env.from_tunnel(Ipv4Addr::new(198, 51, 100, 2), DB, TCP, 1235, 5432),
         TC_ACT_SHOT,
         "except"
     );
     assert_eq!(
-        env.to_pod(Ipv4Addr::new(203, 0, 113, 1), DB, TCP, 1235, 5432),
+        env.from_tunnel(Ipv4Addr::new(203, 0, 113, 1), DB, TCP, 1235, 5432),
         TC_ACT_SHOT
     );
 }
@@ -294,9 +299,9 @@ fn require_encryption_refuses_the_plaintext_same_node_path() {
     let mut env = Env::new();
     env.vp("apiVersion: veil.dev/v1alpha1\nkind: VeilPolicy\nmetadata: {name: enc, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  requireEncryption: true\n  ingress: [{from: [{namespaceSelector: {}}]}]\n");
     env.apply();
-    assert_eq!(env.from_pod(WEB, DB, TCP, 43000, 5432), TC_ACT_SHOT);
+    assert_eq!(env.egress(WEB, DB, TCP, 43000, 5432), TC_ACT_SHOT);
     assert_eq!(env.drops(Reason::DropPolicyUnencrypted), 1);
-    assert_eq!(env.to_pod(TOOL, DB, TCP, 43001, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 43001, 5432), TC_ACT_REDIRECT);
 }
 
 #[test]
@@ -306,7 +311,7 @@ fn incremental_update_keeps_established_flows_and_denies_new_ones() {
     env.np("metadata: {name: tool, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {env: dev}}}], ports: [{port: 5432}]}]\n");
     let (_, first) = env.apply();
     assert!(first > 0);
-    assert_eq!(env.to_pod(TOOL, DB, TCP, 44000, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 44000, 5432), TC_ACT_REDIRECT);
     // Remove the policy for tool: only its entries change.
     env.policies.pop();
     let before = env.dp.policy_entries();
@@ -314,13 +319,17 @@ fn incremental_update_keeps_established_flows_and_denies_new_ones() {
     assert!(ops > 0 && ops < first, "ops {ops} of first {first}");
     assert!(env.dp.policy_entries() < before);
     assert_eq!(
-        env.to_pod(TOOL, DB, TCP, 44000, 5432),
+        env.from_tunnel(TOOL, DB, TCP, 44000, 5432),
         TC_ACT_REDIRECT,
         "established"
     );
-    assert_eq!(env.to_pod(TOOL, DB, TCP, 44001, 5432), TC_ACT_SHOT, "new");
     assert_eq!(
-        env.from_pod(WEB, DB, TCP, 44002, 5432),
+        env.from_tunnel(TOOL, DB, TCP, 44001, 5432),
+        TC_ACT_SHOT,
+        "new"
+    );
+    assert_eq!(
+        env.egress(WEB, DB, TCP, 44002, 5432),
         TC_ACT_OK,
         "web untouched"
     );
