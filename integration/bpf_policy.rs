@@ -150,7 +150,7 @@ impl Env {
     }
 
     /// Runs `to_pod` (a decrypted packet arrives).
-    fn from_tunnel(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> u32 {
+    fn ingress(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16) -> u32 {
         self.run(Hook::ToPod, &frame(src, dst, proto, sport, dport))
     }
 
@@ -197,8 +197,8 @@ fn allow_and_default_deny_same_node_and_from_the_tunnel() {
     assert_eq!(env.egress(WEB, DB, TCP, 40002, 80), TC_ACT_SHOT);
     assert_eq!(env.egress(WEB, DB, UDP, 40003, 5432), TC_ACT_SHOT);
     // From another node: judged at to_pod on the authenticated source.
-    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 40004, 5432), TC_ACT_SHOT);
-    assert_eq!(env.from_tunnel(WEB, DB, TCP, 40005, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.ingress(TOOL, DB, TCP, 40004, 5432), TC_ACT_SHOT);
+    assert_eq!(env.ingress(WEB, DB, TCP, 40005, 5432), TC_ACT_REDIRECT);
     assert_eq!(env.drops(Reason::DropPolicy), 3);
     let drops = env.dp.policy_drops().expect("drops");
     let (w, d, t) = (
@@ -243,13 +243,13 @@ fn reply_of_an_allowed_connection_passes_new_connections_back_are_judged() {
     env.np("metadata: {name: web, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  egress: [{to: [{namespaceSelector: {}}], ports: [{port: 80}]}]\n");
     env.apply();
     assert_eq!(
-        env.from_tunnel(TOOL, WEB, TCP, 80, 41000),
+        env.ingress(TOOL, WEB, TCP, 80, 41000),
         TC_ACT_SHOT,
         "no connection yet"
     );
     assert_eq!(env.egress(WEB, TOOL, TCP, 41000, 80), TC_ACT_REDIRECT);
     assert_eq!(
-        env.from_tunnel(TOOL, WEB, TCP, 80, 41000),
+        env.ingress(TOOL, WEB, TCP, 80, 41000),
         TC_ACT_REDIRECT,
         "the reply"
     );
@@ -259,8 +259,8 @@ fn reply_of_an_allowed_connection_passes_new_connections_back_are_judged() {
         "and on"
     );
     // A new connection from tool to web, even from port 80, is its own flow.
-    assert_eq!(env.from_tunnel(TOOL, WEB, TCP, 80, 41001), TC_ACT_SHOT);
-    assert_eq!(env.from_tunnel(TOOL, WEB, TCP, 41000, 80), TC_ACT_SHOT);
+    assert_eq!(env.ingress(TOOL, WEB, TCP, 80, 41001), TC_ACT_SHOT);
+    assert_eq!(env.ingress(TOOL, WEB, TCP, 41000, 80), TC_ACT_SHOT);
     // Same node: db replying to web's allowed connection.
     env.np("metadata: {name: web2, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n");
     env.apply();
@@ -274,22 +274,19 @@ fn unknown_source_identity_is_world_and_ip_blocks_name_it() {
     let mut env = Env::new();
     env.np("metadata: {name: pods, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n");
     env.apply();
-    assert_eq!(env.from_tunnel(OUTSIDE, DB, TCP, 1234, 5432), TC_ACT_SHOT);
-    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 1234, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.ingress(OUTSIDE, DB, TCP, 1234, 5432), TC_ACT_SHOT);
+    assert_eq!(env.ingress(TOOL, DB, TCP, 1234, 5432), TC_ACT_REDIRECT);
     env.np("metadata: {name: outside, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 198.51.100.0/24, except: [198.51.100.0/30]}}]}]\n");
     let (c, _) = env.apply();
     assert_eq!(c.cidrs.len(), 2);
+    assert_eq!(env.ingress(OUTSIDE, DB, TCP, 1235, 5432), TC_ACT_REDIRECT);
     assert_eq!(
-        env.from_tunnel(OUTSIDE, DB, TCP, 1235, 5432),
-        TC_ACT_REDIRECT
-    );
-    assert_eq!(
-        env.from_tunnel(Ipv4Addr::new(198, 51, 100, 2), DB, TCP, 1235, 5432),
+        env.ingress(Ipv4Addr::new(198, 51, 100, 2), DB, TCP, 1235, 5432),
         TC_ACT_SHOT,
         "except"
     );
     assert_eq!(
-        env.from_tunnel(Ipv4Addr::new(203, 0, 113, 1), DB, TCP, 1235, 5432),
+        env.ingress(Ipv4Addr::new(203, 0, 113, 1), DB, TCP, 1235, 5432),
         TC_ACT_SHOT
     );
 }
@@ -301,7 +298,7 @@ fn require_encryption_refuses_the_plaintext_same_node_path() {
     env.apply();
     assert_eq!(env.egress(WEB, DB, TCP, 43000, 5432), TC_ACT_SHOT);
     assert_eq!(env.drops(Reason::DropPolicyUnencrypted), 1);
-    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 43001, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.ingress(TOOL, DB, TCP, 43001, 5432), TC_ACT_REDIRECT);
 }
 
 #[test]
@@ -311,7 +308,7 @@ fn incremental_update_keeps_established_flows_and_denies_new_ones() {
     env.np("metadata: {name: tool, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {env: dev}}}], ports: [{port: 5432}]}]\n");
     let (_, first) = env.apply();
     assert!(first > 0);
-    assert_eq!(env.from_tunnel(TOOL, DB, TCP, 44000, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.ingress(TOOL, DB, TCP, 44000, 5432), TC_ACT_REDIRECT);
     // Remove the policy for tool: only its entries change.
     env.policies.pop();
     let before = env.dp.policy_entries();
@@ -319,15 +316,11 @@ fn incremental_update_keeps_established_flows_and_denies_new_ones() {
     assert!(ops > 0 && ops < first, "ops {ops} of first {first}");
     assert!(env.dp.policy_entries() < before);
     assert_eq!(
-        env.from_tunnel(TOOL, DB, TCP, 44000, 5432),
+        env.ingress(TOOL, DB, TCP, 44000, 5432),
         TC_ACT_REDIRECT,
         "established"
     );
-    assert_eq!(
-        env.from_tunnel(TOOL, DB, TCP, 44001, 5432),
-        TC_ACT_SHOT,
-        "new"
-    );
+    assert_eq!(env.ingress(TOOL, DB, TCP, 44001, 5432), TC_ACT_SHOT, "new");
     assert_eq!(
         env.egress(WEB, DB, TCP, 44002, 5432),
         TC_ACT_OK,
