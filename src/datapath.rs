@@ -19,7 +19,7 @@ mod loader;
 pub mod maps;
 pub mod sync;
 
-pub use loader::{Datapath, Hook, POD_FILTER_PRIORITIES};
+pub use loader::{Datapath, Hook, PolicyDrop, POD_FILTER_PRIORITIES};
 
 /// Errors of the datapath; each names the interface, map or program involved.
 #[derive(Debug, thiserror::Error)]

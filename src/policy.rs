@@ -62,6 +62,8 @@ pub use selector::Selector;
 pub enum PolicyError {
     #[error("{policy}: {problem}; the policy is rejected, the previous set stays in force")]
     Invalid { policy: String, problem: String },
+    #[error("trace: {0}")]
+    Trace(String),
 }
 
 fn invalid(policy: &PolicyRef, problem: impl Into<String>) -> PolicyError {
@@ -497,4 +499,120 @@ fn port(id: &PolicyRef, field: &str, p: &NetworkPolicyPort) -> Result<PortMatch,
             Ok(PortMatch::Range { proto, lo, hi })
         }
     }
+}
+
+/// The identities of the pods in `state` (host-network pods share their
+/// node's address and are not endpoints), as the reconciler numbers them.
+pub fn identities_of(
+    state: &crate::cluster::ClusterState,
+) -> std::collections::BTreeMap<crate::identity::Identity, compile::IdentityKey> {
+    state
+        .pods
+        .values()
+        .filter(|p| !p.host_network)
+        .map(|p| {
+            (
+                crate::identity::identity_for(&p.namespace, &p.labels),
+                compile::IdentityKey {
+                    namespace: p.namespace.clone(),
+                    labels: p.labels.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Compiles the policies of `state` (each already validated by its source;
+/// an invalid edit keeps the last good version there).
+pub fn compile_state(state: &crate::cluster::ClusterState) -> Compiled {
+    let identities = identities_of(state);
+    let namespaces: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> =
+        state
+            .namespaces
+            .iter()
+            .map(|(n, info)| (n.clone(), info.labels.clone()))
+            .collect();
+    let policies: Vec<Policy> = state.policies.values().cloned().collect();
+    compile(&PolicyInput {
+        identities: &identities,
+        namespaces: &namespaces,
+        policies: &policies,
+    })
+}
+
+/// Parses `80/tcp`, `53/udp`, `9/sctp` or `80` (TCP).
+pub fn parse_port_spec(spec: &str) -> Result<(u8, u16), PolicyError> {
+    let (port, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        "sctp" => PROTO_SCTP,
+        other => {
+            return Err(PolicyError::Trace(format!(
+                "`{other}` in `{spec}` is not tcp, udp or sctp"
+            )))
+        }
+    };
+    let port = port
+        .parse::<u16>()
+        .map_err(|e| PolicyError::Trace(format!("`{port}` in `{spec}` is not a port: {e}")))?;
+    Ok((proto, port))
+}
+
+/// `veilctl policy trace`: the verdict for a new connection from one pod
+/// (`namespace/name`) to another, each direction with the rule that decided.
+/// The path is the tunnel when the pods run on different nodes and
+/// encryption is enabled, plaintext otherwise (which `requireEncryption`
+/// refuses). Returns whether the flow is allowed, and the report.
+pub fn trace_pods(
+    state: &crate::cluster::ClusterState,
+    from: &str,
+    to: &str,
+    port_spec: &str,
+) -> Result<(bool, String), PolicyError> {
+    use std::fmt::Write as _;
+    let (proto, port) = parse_port_spec(port_spec)?;
+    let pod = |r: &str| -> Result<&crate::cluster::PodInfo, PolicyError> {
+        let (ns, name) = r
+            .split_once('/')
+            .ok_or_else(|| PolicyError::Trace(format!("`{r}` is not NAMESPACE/POD")))?;
+        state
+            .pods
+            .get(&(ns.to_string(), name.to_string()))
+            .ok_or_else(|| PolicyError::Trace(format!("no pod {ns}/{name} in the cluster state")))
+    };
+    let (a, b) = (pod(from)?, pod(to)?);
+    let compiled = compile_state(state);
+    let ida = crate::identity::identity_for(&a.namespace, &a.labels);
+    let idb = crate::identity::identity_for(&b.namespace, &b.labels);
+    let tunnel = state.config.encryption_enabled && a.node_name != b.node_name;
+    let t = compile::trace(&compiled, ida, idb, proto, port, tunnel);
+    let show = |d: &compile::Decision| -> String {
+        let what = match (d.allowed, d.verdict) {
+            (true, _) => "allow",
+            (false, Some(compile::Verdict::AllowEncrypted)) => {
+                "deny (allowed only over the tunnel)"
+            }
+            (false, _) => "deny",
+        };
+        format!("{what}: {}", compiled.describe(d.rule))
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "from {from} (identity {ida}) to {to} (identity {idb}), {port_spec}, path: {}",
+        if tunnel {
+            "WireGuard tunnel"
+        } else {
+            "plaintext (same node or encryption off)"
+        }
+    );
+    let _ = writeln!(out, "  egress of {from}:  {}", show(&t.egress));
+    let _ = writeln!(out, "  ingress of {to}: {}", show(&t.ingress));
+    let _ = writeln!(
+        out,
+        "verdict: {}",
+        if t.allowed() { "ALLOW" } else { "DENY" }
+    );
+    Ok((t.allowed(), out))
 }

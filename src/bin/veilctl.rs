@@ -35,6 +35,28 @@ enum Command {
     },
     /// Turn encryption off cluster-wide.
     Disable,
+    /// Identity policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// The verdict for a new connection and the rule that decided it
+    /// (exit status 0 allowed, 2 denied).
+    Trace {
+        /// Source pod, NAMESPACE/POD.
+        #[arg(long)]
+        from: String,
+        /// Destination pod, NAMESPACE/POD.
+        #[arg(long)]
+        to: String,
+        /// Destination port and protocol: 80/tcp, 53/udp.
+        #[arg(long)]
+        port: String,
+    },
 }
 
 /// The file `veilctl` writes the cluster config to.
@@ -46,6 +68,22 @@ fn main() -> ExitCode {
         Command::Status => status(&cli.cluster_dir),
         Command::Enable { strict } => set_encryption(&cli.cluster_dir, true, strict),
         Command::Disable => set_encryption(&cli.cluster_dir, false, true),
+        Command::Policy {
+            command: PolicyCommand::Trace { from, to, port },
+        } => {
+            let (state, _) = FileSource::new(&cli.cluster_dir).load();
+            match veil::policy::trace_pods(&state, &from, &to, &port) {
+                Ok((allowed, text)) => {
+                    print!("{text}");
+                    return if allowed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(2)
+                    };
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
