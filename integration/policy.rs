@@ -4,15 +4,17 @@
 //! pod) checked against the expected one for each scenario.
 //!
 //! Reduced scope (see the report): one TCP and one UDP port (the probe's
-//! echo servers), five scenarios; no update-under-traffic scenario yet.
+//! echo servers), six scenarios, the last a policy update while a flow runs.
 mod harness;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::fixture::Fixture;
 use harness::netns::require_root;
 use harness::poll_until;
+use harness::process::Bg;
 use harness::topology::{Pod, POD_NAMESPACE};
+use harness::traffic::parse_ping;
 use harness::traffic::{tcp, udp};
 
 /// (namespace, app label) of the pod on `node` (1-based), `slot`.
@@ -130,6 +132,62 @@ fn reachability_matrix_under_policies() {
     );
     check(&f, "egress-only policy in beta", |from, to| {
         let v = from.0 != "beta" || to.0 == "beta";
+        (v, v)
+    });
+
+    // Update under traffic: web -> db (node 1 -> node 2) allowed, a ping
+    // flow running, then the policy changes to deny web. The running flow
+    // (tracked) keeps working; a new connection fails within 1 s.
+    f.dir.remove("np-egress.yaml");
+    let db_policy = |from_app: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: db, namespace: alpha}}\nspec:\n  podSelector: {{matchLabels: {{app: db}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: {from_app}}}}}}}]}}]\n")
+    };
+    f.dir.write_raw("np-db.yaml", &db_policy("web"));
+    let (web, db) = (f.topo.pod(1, 0), f.topo.pod(2, 0));
+    let reachable = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        (reach(web, db) == (true, true)).then_some(())
+    });
+    assert!(reachable.is_some(), "web -> db allowed before the update");
+    let mut cmd = web.ns.cmd("ping");
+    cmd.args(["-n", "-i", "0.2", "-W", "1", "-w", "20", &db.ip.to_string()]);
+    let mut ping = Bg::spawn("ping web -> db", cmd, &f.work().join("ping-update.log"));
+    // The flow is established once replies come back.
+    let flowing = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        ping.log().contains("bytes from").then_some(())
+    });
+    assert!(flowing.is_some(), "ping flow: {}", ping.log());
+
+    let changed = Instant::now();
+    f.dir.write_raw("np-db.yaml", &db_policy("nobody"));
+    let denied = poll_until(Duration::from_secs(1), Duration::from_millis(10), || {
+        let t = tcp(web, db.ip, 64, "veil-policy", Duration::from_millis(150));
+        (!t.ok).then(|| changed.elapsed())
+    });
+    assert!(
+        denied.is_some_and(|d| d <= Duration::from_secs(1)),
+        "a new connection web -> db still succeeded 1 s after the policy change"
+    );
+    // Keep the flow running past the change, then stop it and count.
+    let past = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        (changed.elapsed() > Duration::from_secs(2)).then_some(())
+    });
+    assert!(past.is_some());
+    ping.signal(libc::SIGINT);
+    let done = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        ping.try_status()
+    });
+    if done.is_none() {
+        ping.kill();
+    }
+    let p = parse_ping(&ping.log());
+    assert!(
+        p.transmitted >= 10 && p.received == p.transmitted,
+        "the established flow must survive the update: {}",
+        p.output
+    );
+    // Afterwards db admits nobody (new flows), everything else is open.
+    check(&f, "after the update", |_, to| {
+        let v = to != ("alpha", "db");
         (v, v)
     });
     f.assert_agents_alive();
