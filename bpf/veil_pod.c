@@ -1,12 +1,15 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* from_pod: TC ingress of a local pod's host-side veth, i.e. every packet
- * the pod sends. Stamps the sender's identity into skb->mark and, while
+ * the pod sends. Stamps the sender's identity into skb->mark, enforces the
+ * sender's egress policy (and, for a destination on this node, whose
+ * packets never reach to_pod, the receiver's ingress policy) and, while
  * encryption is enabled, steers packets for remote pod CIDRs into the
  * WireGuard TUN, or drops them (strict) when the peer is not ready. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/l3.h"
 #include "lib/mss.h"
+#include "lib/policy.h"
 
 /* Learns the pod's eth0 MAC from the frame it sent, so that to_pod can
  * address frames to it. Best effort: racing writers store the same bytes. */
@@ -19,12 +22,14 @@ static __always_inline void learn_mac(struct endpoint_value *ep, const struct et
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
-	struct endpoint_value *ep;
+	struct endpoint_value *ep, *dst_ep;
 	struct remote_value *remote;
 	struct config_value *cfg;
 	struct remote_key rkey;
 	struct l3_info l3 = {};
 	struct ethhdr eth;
+	__u32 src_id;
+	int tunnel = 0, no_peer = 0;
 	__u16 mss;
 	int ret;
 
@@ -40,34 +45,51 @@ int from_pod(struct __sk_buff *skb)
 	ep = bpf_map_lookup_elem(&veil_endpoints, &l3.saddr);
 	if (ep) {
 		learn_mac(ep, &eth);
-		skb->mark = identity_mark(ep->identity);
+		src_id = ep->identity;
 	} else {
-		skb->mark = identity_mark(ID_UNMANAGED);
+		src_id = ID_UNMANAGED;
+	}
+	skb->mark = identity_mark(src_id);
+
+	/* Same-node traffic stays in plaintext on the host, even if a remote
+	 * CIDR were to overlap a local pod (it must not; be safe anyway). It
+	 * never passes to_pod, so both ends' policies are enforced here. */
+	dst_ep = bpf_map_lookup_elem(&veil_endpoints, &l3.daddr);
+	if (dst_ep) {
+		ret = policy_enforce(skb, &l3, src_id, dst_ep->identity, 1, 1, 0);
+		if (ret < 0)
+			return drop(skb, ret);
+		return TC_ACT_OK;
 	}
 
 	cfg = config_get();
-	if (!cfg || !(cfg->flags & CFG_ENABLED))
-		return TC_ACT_OK;
-	/* Same-node traffic stays in plaintext on the host, even if a remote
-	 * CIDR were to overlap a local pod (it must not; be safe anyway). */
-	if (bpf_map_lookup_elem(&veil_endpoints, &l3.daddr))
-		return TC_ACT_OK;
+	if (cfg && (cfg->flags & CFG_ENABLED)) {
+		rkey.prefixlen = 128;
+		__builtin_memcpy(rkey.addr, l3.daddr.b, 16);
+		remote = bpf_map_lookup_elem(&veil_remote, &rkey);
+		if (remote && !(remote->flags & REMOTE_LOCAL)) {
+			if (!(remote->flags & REMOTE_HAS_PEER)) {
+				if (cfg->flags & CFG_STRICT)
+					return drop(skb, DROP_NO_PEER);
+				no_peer = 1;
+			} else if (cfg->tun_ifindex == 0) {
+				/* Fail closed: encryption on and a peer known, but nowhere to send. */
+				return drop(skb, DROP_NO_TUN);
+			} else {
+				tunnel = 1;
+			}
+		}
+	}
 
-	rkey.prefixlen = 128;
-	__builtin_memcpy(rkey.addr, l3.daddr.b, 16);
-	remote = bpf_map_lookup_elem(&veil_remote, &rkey);
-	if (!remote || (remote->flags & REMOTE_LOCAL))
-		return TC_ACT_OK; /* not a pod of another node */
-
-	if (!(remote->flags & REMOTE_HAS_PEER)) {
-		if (cfg->flags & CFG_STRICT)
-			return drop(skb, DROP_NO_PEER);
-		metrics_count(skb, PASS_NO_PEER);
+	/* The receiver's ingress is its node's business (to_pod there). */
+	ret = policy_enforce(skb, &l3, src_id, addr_identity(&l3.daddr), 1, 0, tunnel);
+	if (ret < 0)
+		return drop(skb, ret);
+	if (!tunnel) {
+		if (no_peer)
+			metrics_count(skb, PASS_NO_PEER);
 		return TC_ACT_OK;
 	}
-	/* Fail closed: encryption on and a peer known, but nowhere to send. */
-	if (cfg->tun_ifindex == 0)
-		return drop(skb, DROP_NO_TUN);
 
 	mss = l3.is_v6 ? cfg->mss_v6 : cfg->mss_v4;
 	ret = mss_clamp(skb, &l3, mss);

@@ -3,11 +3,13 @@
  * packet. The source was authenticated by cryptokey routing in the engine,
  * so its identity comes from the IP cache; packets for local pods are given
  * an Ethernet header and handed straight to the pod's eth0 with
- * bpf_redirect_peer. Anything else goes up the stack and is routed. */
+ * bpf_redirect_peer, after the receiver's ingress policy. Anything else
+ * goes up the stack and is routed. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/l3.h"
 #include "lib/mss.h"
+#include "lib/policy.h"
 
 static __always_inline int mac_is_zero(const __u8 *mac)
 {
@@ -21,7 +23,7 @@ int to_pod(struct __sk_buff *skb)
 	struct config_value *cfg;
 	struct l3_info l3 = {};
 	struct ethhdr eth;
-	__u32 *src_identity;
+	__u32 src_id;
 	__u32 l3_off;
 	__u16 mss = 0;
 	int ret;
@@ -39,12 +41,17 @@ int to_pod(struct __sk_buff *skb)
 	if (ret == 0)
 		return TC_ACT_OK;
 
-	src_identity = bpf_map_lookup_elem(&veil_ipcache, &l3.saddr);
-	skb->mark = identity_mark(src_identity ? *src_identity : ID_WORLD);
+	src_id = addr_identity(&l3.saddr);
+	skb->mark = identity_mark(src_id);
 
 	ep = bpf_map_lookup_elem(&veil_endpoints, &l3.daddr);
 	if (!ep)
 		return TC_ACT_OK; /* not a local pod: the kernel routes it */
+
+	/* Everything on this hook came out of the tunnel: encrypted. */
+	ret = policy_enforce(skb, &l3, src_id, ep->identity, 0, 1, 1);
+	if (ret < 0)
+		return drop(skb, ret);
 
 	if (cfg)
 		mss = l3.is_v6 ? cfg->mss_v6 : cfg->mss_v4;

@@ -276,6 +276,7 @@ impl Node {
         if let Err(e) = self.apply_datapath(&desired).await {
             error!("applying the datapath: {e}; retrying on the next pass");
         }
+        self.apply_policy(state);
         let plan = fallback::plan(&desired, Some(self.engine.tun_ifindex()));
         if let Err(e) = self
             .netlink
@@ -497,6 +498,20 @@ impl Node {
         }
         self.engine.set_peers(peers.clone());
         self.peers = Some(peers);
+    }
+
+    /// Compiles the policies and writes only the entries that changed.
+    fn apply_policy(&mut self, state: &ClusterState) {
+        let compiled = crate::policy::compile_state(state);
+        match self.datapath.sync_policy(&compiled) {
+            Ok(0) => {}
+            Ok(ops) => info!(
+                changes = ops,
+                entries = compiled.entries.len(),
+                "policy map updated"
+            ),
+            Err(e) => error!("applying policy: {e}; retrying on the next pass"),
+        }
     }
 
     async fn apply_datapath(&mut self, desired: &Desired) -> Result<(), Error> {

@@ -200,6 +200,9 @@ pub struct ClusterState {
     /// Keyed by node name.
     pub announcements: BTreeMap<String, Announcement>,
     pub config: ClusterConfig,
+    /// Validated `NetworkPolicy` and `VeilPolicy` objects, keyed by
+    /// `Kind/namespace/name`.
+    pub policies: BTreeMap<String, crate::policy::Policy>,
     /// Where each object came from, by object reference (`Node/n1`,
     /// `Pod/default/web`): a file path for the file source. Lets problems
     /// found later (while reconciling) still name the file to fix.

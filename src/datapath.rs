@@ -19,7 +19,7 @@ mod loader;
 pub mod maps;
 pub mod sync;
 
-pub use loader::{Datapath, Hook, POD_FILTER_PRIORITIES};
+pub use loader::{Datapath, Hook, PolicyDrop, POD_FILTER_PRIORITIES};
 
 /// Errors of the datapath; each names the interface, map or program involved.
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +127,14 @@ pub enum Reason {
     DropNoTun,
     /// A packet rewrite helper failed.
     DropWrite,
+    /// Denied by identity policy (a deny rule, or isolated and not allowed).
+    DropPolicy,
+    /// Allowed by policy only over the tunnel, and it was not.
+    DropPolicyUnencrypted,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 9] = [
         Reason::ForwardedToTun,
         Reason::DeliveredToPod,
         Reason::PassedNoPeer,
@@ -138,6 +142,8 @@ impl Reason {
         Reason::DropInvalid,
         Reason::DropNoTun,
         Reason::DropWrite,
+        Reason::DropPolicy,
+        Reason::DropPolicyUnencrypted,
     ];
 
     /// The code the programs use (`FWD_*` >= 0, `DROP_*` < 0).
@@ -150,6 +156,8 @@ impl Reason {
             Reason::DropInvalid => -4,
             Reason::DropNoTun => -5,
             Reason::DropWrite => -6,
+            Reason::DropPolicy => -7,
+            Reason::DropPolicyUnencrypted => -8,
         }
     }
 
@@ -171,6 +179,8 @@ impl Reason {
             Reason::DropInvalid => "drop_invalid",
             Reason::DropNoTun => "drop_no_tun",
             Reason::DropWrite => "drop_write",
+            Reason::DropPolicy => "drop_policy",
+            Reason::DropPolicyUnencrypted => "drop_policy_unencrypted",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`wireguard`]: the userspace WireGuard engine on `boringtun::noise`;
 //! - [`datapath`]: the eBPF programs and their maps (aya);
 //! - [`netlink`]: routes, rules and link lookups;
+//! - [`policy`]: NetworkPolicy and VeilPolicy, compiled into BPF policy map entries;
 //! - [`agent`]: the runtime that wires sources, reconciler and appliers together.
 
 pub mod agent;
@@ -14,5 +15,6 @@ pub mod cluster;
 pub mod datapath;
 pub mod identity;
 pub mod netlink;
+pub mod policy;
 pub mod reconcile;
 pub mod wireguard;

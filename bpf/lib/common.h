@@ -48,7 +48,9 @@
 #define DROP_INVALID (-4)  /* truncated or malformed L2/L3/L4 header */
 #define DROP_NO_TUN (-5)   /* encryption on but no TUN ifindex configured */
 #define DROP_WRITE (-6)    /* a packet rewrite helper failed */
-#define METRICS_MAX 8
+#define DROP_POLICY (-7)   /* denied by policy (a deny rule, or isolated and not allowed) */
+#define DROP_POLICY_UNENCRYPTED (-8) /* allowed only over the tunnel, and it was not */
+#define METRICS_MAX 10
 
 /* Locally administered source MAC written on frames delivered into pods:
  * 02 (local, unicast) + "veil" + 00. The pod does not answer to it (it

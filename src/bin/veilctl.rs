@@ -70,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Identity policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,6 +145,23 @@ enum KeysCommand {
     Status,
 }
 
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// The verdict for a new connection and the rule that decided it
+    /// (exit status 0 allowed, 2 denied).
+    Trace {
+        /// Source pod, NAMESPACE/POD.
+        #[arg(long)]
+        from: String,
+        /// Destination pod, NAMESPACE/POD.
+        #[arg(long)]
+        to: String,
+        /// Destination port and protocol: 80/tcp, 53/udp.
+        #[arg(long)]
+        port: String,
+    },
+}
+
 /// The file `veilctl` writes the cluster config to.
 const CONFIG_FILE: &str = "veilclusterconfig.yaml";
 
@@ -183,6 +205,22 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Status,
         } => keys_status(dir, authority),
+        Command::Policy {
+            command: PolicyCommand::Trace { from, to, port },
+        } => {
+            let (state, _) = FileSource::new(dir).load();
+            match veil::policy::trace_pods(&state, &from, &to, &port) {
+                Ok((allowed, text)) => {
+                    print!("{text}");
+                    return if allowed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(2)
+                    };
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -748,7 +786,6 @@ fn set_encryption(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(),
     );
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -78,6 +78,7 @@ enum Object {
     /// Boxed: signatures and certificates make it several times larger than the rest.
     Announcement(Box<Announcement>),
     Config(ClusterConfig),
+    Policy(crate::policy::Policy),
 }
 
 impl Object {
@@ -89,6 +90,7 @@ impl Object {
             Object::Namespace(n) => format!("Namespace/{}", n.name),
             Object::Announcement(a) => format!("VeilNode/{}", a.node),
             Object::Config(_) => format!("VeilClusterConfig/{CLUSTER_CONFIG_NAME}"),
+            Object::Policy(p) => p.id.to_string(),
         }
     }
 }
@@ -469,7 +471,9 @@ impl Ctx<'_> {
             kind.as_str()
         };
         let label = match (&name, kind.as_str()) {
-            (Some(n), "Pod") => format!("Pod/{namespace}/{n}"),
+            (Some(n), "Pod" | "NetworkPolicy" | "VeilPolicy") => {
+                format!("{kind}/{namespace}/{n}")
+            }
             (Some(n), _) => format!("{shown_kind}/{n}"),
             (None, _) => format!("{shown_kind}/<no name, {place}>"),
         };
@@ -526,6 +530,20 @@ impl Ctx<'_> {
                         "ignored: only the VeilClusterConfig named `{CLUSTER_CONFIG_NAME}` is used"
                     )),
                     None => Err("metadata.name is missing or empty".into()),
+                }),
+            ("networking.k8s.io/v1", "NetworkPolicy") => self
+                .typed::<k8s_openapi::api::networking::v1::NetworkPolicy>(value, document)
+                .and_then(|p| {
+                    crate::policy::Policy::try_from(&p)
+                        .map(Object::Policy)
+                        .map_err(|e| e.to_string())
+                }),
+            (VEIL_API_VERSION, crate::policy::VeilPolicy::KIND) => self
+                .typed::<crate::policy::VeilPolicy>(value, document)
+                .and_then(|p| {
+                    crate::policy::Policy::try_from(&p)
+                        .map(Object::Policy)
+                        .map_err(|e| e.to_string())
                 }),
             (_, VeilNode::KIND | VeilClusterConfig::KIND)
                 if api_version.starts_with("veil.dev/") =>
@@ -604,6 +622,9 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, diags: &mut Vec<Diagnostic>) ->
                     state.announcements.insert(a.node.clone(), (**a).clone());
                 }
                 Object::Config(c) => state.config = c.clone(),
+                Object::Policy(p) => {
+                    state.policies.insert(p.id.to_string(), p.clone());
+                }
             }
         }
     }

@@ -201,7 +201,8 @@ enum Object {
     Node(NodeInfo),
     Pod(PodInfo),
     Namespace(NamespaceInfo),
-    Announcement(Announcement),
+    /// Boxed: a signed announcement is several times larger than the rest.
+    Announcement(Box<Announcement>),
     Config(ClusterConfig),
 }
 
@@ -338,7 +339,7 @@ impl Shared {
                         state.namespaces.insert(n.name.clone(), n.clone());
                     }
                     Object::Announcement(a) => {
-                        state.announcements.insert(a.node.clone(), a.clone());
+                        state.announcements.insert(a.node.clone(), (**a).clone());
                     }
                     Object::Config(c) => state.config = c.clone(),
                 }
@@ -432,7 +433,7 @@ fn convert_namespace(ns: &Namespace) -> Result<Object, String> {
 fn convert_veil_node(obj: &DynamicObject) -> Result<Object, String> {
     let vn: VeilNode = typed(obj)?;
     Announcement::try_from(&vn)
-        .map(Object::Announcement)
+        .map(|a| Object::Announcement(Box::new(a)))
         .map_err(|e| e.to_string())
 }
 

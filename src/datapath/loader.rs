@@ -10,11 +10,18 @@ use aya::Ebpf;
 use ipnet::IpNet;
 
 use super::maps::{
-    prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, RemoteRaw, CFG_ENABLED, CFG_STRICT,
-    IDENTITY_MAX, REMOTE_HAS_PEER, REMOTE_LOCAL,
+    policy_key, prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, PolicyDropKey,
+    PolicyKeyData, PolicyValueRaw, RemoteRaw, CFG_ENABLED, CFG_STRICT, IDENTITY_MAX,
+    REMOTE_HAS_PEER, REMOTE_LOCAL,
 };
 use super::sync::diff;
 use super::{key_str, mss_for_mtu, DatapathConfig, EndpointValue, Error, Reason, RemoteValue};
+use crate::identity::Identity;
+use crate::policy::compile::{EntryKey, EntryValue};
+use crate::policy::Compiled;
+
+/// (source identity, destination identity, direction of the failed check, reason).
+pub type PolicyDrop = (u32, u32, crate::policy::Direction, Reason);
 
 /// The linked object built by build.rs (both programs, one set of maps).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
@@ -57,6 +64,11 @@ pub struct Datapath {
     ipcache: HashMap<MapData, Addr16, u32>,
     config: Array<MapData, ConfigRaw>,
     metrics: PerCpuArray<MapData, MetricsRaw>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValueRaw>,
+    cidr: LpmTrie<MapData, Addr16, u32>,
+    policy_drops: HashMap<MapData, PolicyDropKey, u64>,
+    cur_policy: BTreeMap<EntryKey, EntryValue>,
+    cur_cidr: BTreeMap<IpNet, Identity>,
     // What this process wrote; the maps are created fresh by load(), so this
     // is exactly the kernel's content and diffs need no map walk.
     cur_endpoints: BTreeMap<IpAddr, EndpointValue>,
@@ -144,7 +156,15 @@ impl Datapath {
         let ipcache = take_map(&mut bpf, "veil_ipcache")?;
         let config = take_map(&mut bpf, "veil_config")?;
         let metrics = take_map(&mut bpf, "veil_metrics")?;
+        let policy = take_map(&mut bpf, "veil_policy")?;
+        let cidr = take_map(&mut bpf, "veil_cidr")?;
+        let policy_drops = take_map(&mut bpf, "veil_policy_drops")?;
         Ok(Self {
+            policy,
+            cidr,
+            policy_drops,
+            cur_policy: BTreeMap::new(),
+            cur_cidr: BTreeMap::new(),
             bpf,
             endpoints,
             remote,
@@ -484,6 +504,100 @@ impl Datapath {
             self.cur_ipcache.remove(&ip);
         }
         Ok(())
+    }
+
+    /// Makes the policy maps (`veil_policy`, `veil_cidr`) equal to
+    /// `compiled`, writing only the entries that changed; returns how many
+    /// map operations that took.
+    ///
+    /// Order matters for a flow that is allowed before and after: new and
+    /// changed entries are written before stale ones are deleted, and the
+    /// LPM trie's longest match means a half-applied update can only fall
+    /// back to a shorter (covering) entry of the old or new set.
+    pub fn sync_policy(&mut self, compiled: &Compiled) -> Result<usize, Error> {
+        let mut ops = 0;
+        for (net, id) in &compiled.cidrs {
+            check_identity(&net.to_string(), id.0)?;
+        }
+        let cidrs: BTreeMap<IpNet, Identity> = compiled
+            .cidrs
+            .iter()
+            .map(|(n, i)| (n.trunc(), *i))
+            .collect();
+        let d = diff(&self.cur_cidr, &cidrs);
+        let cidr_err = |net: &IpNet, source: MapError| Error::Map {
+            map: "veil_cidr",
+            key: net.to_string(),
+            source: Box::new(source),
+        };
+        for (net, id) in d.upsert {
+            self.cidr
+                .insert(&prefix_key(net).into(), id.0, 0)
+                .map_err(|e| cidr_err(&net, e))?;
+            self.cur_cidr.insert(net, id);
+            ops += 1;
+        }
+        let d_policy = diff(&self.cur_policy, &compiled.entries);
+        let policy_err = |k: &EntryKey, source: MapError| Error::Map {
+            map: "veil_policy",
+            key: format!("{k:?}"),
+            source: Box::new(source),
+        };
+        for (k, v) in d_policy.upsert {
+            check_identity("policy subject", k.subject.0)?;
+            check_identity("policy peer", k.peer)?;
+            let raw = PolicyValueRaw {
+                verdict: v.verdict as u8,
+                pad: [0; 3],
+                rule: v.rule.0,
+            };
+            self.policy
+                .insert(&policy_key(&k), raw, 0)
+                .map_err(|e| policy_err(&k, e))?;
+            self.cur_policy.insert(k, v);
+            ops += 1;
+        }
+        for k in d_policy.remove {
+            remove_ok(self.policy.remove(&policy_key(&k))).map_err(|e| policy_err(&k, e))?;
+            self.cur_policy.remove(&k);
+            ops += 1;
+        }
+        for net in d.remove {
+            remove_ok(self.cidr.remove(&prefix_key(net).into())).map_err(|e| cidr_err(&net, e))?;
+            self.cur_cidr.remove(&net);
+            ops += 1;
+        }
+        Ok(ops)
+    }
+
+    /// Number of entries in `veil_policy` (as written by this process).
+    pub fn policy_entries(&self) -> usize {
+        self.cur_policy.len()
+    }
+
+    /// Policy drops: packets per (source identity, destination identity,
+    /// direction of the failed check, reason).
+    pub fn policy_drops(&self) -> Result<BTreeMap<PolicyDrop, u64>, Error> {
+        let mut out = BTreeMap::new();
+        for item in self.policy_drops.iter() {
+            let (k, n) = item.map_err(|source| Error::Map {
+                map: "veil_policy_drops",
+                key: "<iteration>".into(),
+                source: Box::new(source),
+            })?;
+            let reason = Reason::ALL
+                .into_iter()
+                .find(|r| r.is_drop() && r.slot() == k.reason);
+            let dir = if k.dir == 1 {
+                crate::policy::Direction::Egress
+            } else {
+                crate::policy::Direction::Ingress
+            };
+            if let Some(reason) = reason {
+                *out.entry((k.src, k.dst, dir, reason)).or_insert(0) += n;
+            }
+        }
+        Ok(out)
     }
 
     /// Packets and bytes per reason, summed over CPUs.

@@ -37,7 +37,7 @@ pub const REMOTE_HAS_PEER: u32 = 1 << 0;
 pub const REMOTE_LOCAL: u32 = 1 << 1;
 
 /// Number of slots in `veil_metrics` (`METRICS_MAX`).
-pub const METRICS_MAX: u32 = 8;
+pub const METRICS_MAX: u32 = 10;
 
 /// The mark a program stamps for `identity` (`identity_mark()` in maps.h).
 pub const fn identity_mark(identity: u32) -> u32 {
@@ -104,6 +104,54 @@ pub struct MetricsRaw {
     pub bytes: u64,
 }
 
+/// The data part of `struct policy_key` (after `prefixlen`, which aya's
+/// `Key` adds): big-endian, because the LPM trie matches bytes in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKeyData {
+    pub subject: [u8; 4],
+    pub peer: [u8; 4],
+    pub dir: u8,
+    pub proto: u8,
+    pub port: [u8; 2],
+}
+
+/// `struct policy_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyValueRaw {
+    pub verdict: u8,
+    pub pad: [u8; 3],
+    pub rule: u32,
+}
+
+/// `struct policy_drop_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyDropKey {
+    pub src: u32,
+    pub dst: u32,
+    /// `|DROP_*|`.
+    pub reason: u32,
+    /// 0 ingress, 1 egress (the direction whose check failed).
+    pub dir: u32,
+}
+
+/// The LPM key of a compiled policy entry.
+pub fn policy_key(k: &crate::policy::compile::EntryKey) -> Key<PolicyKeyData> {
+    let start = k.block.start;
+    Key::new(
+        k.prefix_len(),
+        PolicyKeyData {
+            subject: k.subject.0.to_be_bytes(),
+            peer: k.peer.to_be_bytes(),
+            dir: k.direction as u8,
+            proto: (start >> 16) as u8,
+            port: ((start & 0xffff) as u16).to_be_bytes(),
+        },
+    )
+}
+
 // SAFETY: each type is #[repr(C)], made only of integers and byte arrays,
 // with no padding (the sizes below prove every byte is a field), so every bit
 // pattern is a valid value and the bytes can be copied to and from the kernel.
@@ -118,6 +166,12 @@ unsafe impl aya::Pod for RemoteRaw {}
 unsafe impl aya::Pod for ConfigRaw {}
 // SAFETY: see above.
 unsafe impl aya::Pod for MetricsRaw {}
+// SAFETY: see above.
+unsafe impl aya::Pod for PolicyKeyData {}
+// SAFETY: see above.
+unsafe impl aya::Pod for PolicyValueRaw {}
+// SAFETY: see above.
+unsafe impl aya::Pod for PolicyDropKey {}
 
 const _: () = assert!(size_of::<Addr16>() == 16);
 const _: () = assert!(size_of::<EndpointRaw>() == 4 + 4 + 6 + 1 + 1);
@@ -126,6 +180,10 @@ const _: () = assert!(size_of::<Key<Addr16>>() == size_of::<RemoteKey>());
 const _: () = assert!(size_of::<RemoteRaw>() == 8);
 const _: () = assert!(size_of::<ConfigRaw>() == 4 + 4 + 2 + 2 + 4);
 const _: () = assert!(size_of::<MetricsRaw>() == 16);
+const _: () = assert!(size_of::<PolicyKeyData>() == 12);
+const _: () = assert!(size_of::<Key<PolicyKeyData>>() == 16);
+const _: () = assert!(size_of::<PolicyValueRaw>() == 8);
+const _: () = assert!(size_of::<PolicyDropKey>() == 16);
 
 /// The LPM key of a prefix: host bits cleared, IPv4 prefix lengths + 96 to
 /// account for the `::ffff:0:0/96` mapping.
