@@ -209,6 +209,60 @@ pub struct ClusterState {
     pub origins: BTreeMap<String, String>,
 }
 
+/// One object from a source, already validated and reduced. Both sources
+/// produce these, so they agree on what an object is and how it is named.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Node(NodeInfo),
+    Pod(PodInfo),
+    Namespace(NamespaceInfo),
+    /// Boxed: signatures and certificates make it several times larger than the rest.
+    Announcement(Box<Announcement>),
+    Config(ClusterConfig),
+    Policy(crate::policy::Policy),
+}
+
+impl Object {
+    /// The object's reference, `Kind/name` or `Kind/ns/name`: the key for
+    /// duplicates, last-good versions, origins and diagnostics.
+    pub fn key(&self) -> String {
+        match self {
+            Object::Node(n) => format!("Node/{}", n.name),
+            Object::Pod(p) => format!("Pod/{}/{}", p.namespace, p.name),
+            Object::Namespace(n) => format!("Namespace/{}", n.name),
+            Object::Announcement(a) => format!("VeilNode/{}", a.node),
+            Object::Config(_) => format!("VeilClusterConfig/{}", objects::CLUSTER_CONFIG_NAME),
+            Object::Policy(p) => p.id.to_string(),
+        }
+    }
+}
+
+impl ClusterState {
+    /// Adds (or replaces) one object, remembering where it came from.
+    pub fn insert(&mut self, object: &Object, origin: &str) {
+        self.origins.insert(object.key(), origin.to_string());
+        match object {
+            Object::Node(n) => {
+                self.nodes.insert(n.name.clone(), n.clone());
+            }
+            Object::Pod(p) => {
+                self.pods
+                    .insert((p.namespace.clone(), p.name.clone()), p.clone());
+            }
+            Object::Namespace(n) => {
+                self.namespaces.insert(n.name.clone(), n.clone());
+            }
+            Object::Announcement(a) => {
+                self.announcements.insert(a.node.clone(), (**a).clone());
+            }
+            Object::Config(c) => self.config = c.clone(),
+            Object::Policy(p) => {
+                self.policies.insert(p.id.to_string(), p.clone());
+            }
+        }
+    }
+}
+
 /// Something wrong with one object from outside: it is skipped, the rest is used.
 ///
 /// `source` names where it came from (a file path, or `kube`), `object` the

@@ -26,7 +26,7 @@ use serde_yaml::Value;
 
 use super::objects::{VeilClusterConfig, VeilNode, CLUSTER_CONFIG_NAME, VEIL_API_VERSION};
 use super::{
-    Announcement, ClusterConfig, ClusterState, Diagnostic, NamespaceInfo, NodeInfo, PodInfo,
+    Announcement, ClusterConfig, ClusterState, Diagnostic, NamespaceInfo, NodeInfo, Object, PodInfo,
 };
 
 /// Subdirectory where agents publish their `VeilNode` announcements.
@@ -67,32 +67,6 @@ pub enum Error {
         #[source]
         source: notify::Error,
     },
-}
-
-/// One object read from a file, already validated and reduced.
-#[derive(Debug, Clone)]
-enum Object {
-    Node(NodeInfo),
-    Pod(PodInfo),
-    Namespace(NamespaceInfo),
-    /// Boxed: signatures and certificates make it several times larger than the rest.
-    Announcement(Box<Announcement>),
-    Config(ClusterConfig),
-    Policy(crate::policy::Policy),
-}
-
-impl Object {
-    /// Identity for duplicate detection: `Kind/name` or `Kind/ns/name`.
-    fn key(&self) -> String {
-        match self {
-            Object::Node(n) => format!("Node/{}", n.name),
-            Object::Pod(p) => format!("Pod/{}/{}", p.namespace, p.name),
-            Object::Namespace(n) => format!("Namespace/{}", n.name),
-            Object::Announcement(a) => format!("VeilNode/{}", a.node),
-            Object::Config(_) => format!("VeilClusterConfig/{CLUSTER_CONFIG_NAME}"),
-            Object::Policy(p) => p.id.to_string(),
-        }
-    }
 }
 
 /// The cluster state read from a directory of YAML files.
@@ -602,30 +576,8 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, diags: &mut Vec<Diagnostic>) ->
                 });
                 continue;
             }
-            state
-                .origins
-                .insert(key.clone(), path.display().to_string());
+            state.insert(object, &path.display().to_string());
             seen.insert(key, path);
-            match object {
-                Object::Node(n) => {
-                    state.nodes.insert(n.name.clone(), n.clone());
-                }
-                Object::Pod(p) => {
-                    state
-                        .pods
-                        .insert((p.namespace.clone(), p.name.clone()), p.clone());
-                }
-                Object::Namespace(n) => {
-                    state.namespaces.insert(n.name.clone(), n.clone());
-                }
-                Object::Announcement(a) => {
-                    state.announcements.insert(a.node.clone(), (**a).clone());
-                }
-                Object::Config(c) => state.config = c.clone(),
-                Object::Policy(p) => {
-                    state.policies.insert(p.id.to_string(), p.clone());
-                }
-            }
         }
     }
     state

@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use super::objects::{VeilClusterConfig, VeilNode, CLUSTER_CONFIG_NAME};
 use super::{
-    Announcement, ClusterConfig, ClusterState, Diagnostic, NamespaceInfo, NodeInfo, PodInfo,
+    Announcement, ClusterConfig, ClusterState, Diagnostic, NamespaceInfo, NodeInfo, Object, PodInfo,
 };
 
 #[cfg(test)]
@@ -195,17 +195,6 @@ impl Kind {
     }
 }
 
-/// One object, validated and reduced.
-#[derive(Debug, Clone, PartialEq)]
-enum Object {
-    Node(NodeInfo),
-    Pod(PodInfo),
-    Namespace(NamespaceInfo),
-    /// Boxed: a signed announcement is several times larger than the rest.
-    Announcement(Box<Announcement>),
-    Config(ClusterConfig),
-}
-
 /// What the store knows of one object.
 #[derive(Debug, Clone, PartialEq)]
 struct Entry {
@@ -325,24 +314,7 @@ impl Shared {
                     });
                 }
                 let Some(object) = &entry.good else { continue };
-                state.origins.insert(key.clone(), DIAGNOSTIC_SOURCE.into());
-                match object {
-                    Object::Node(n) => {
-                        state.nodes.insert(n.name.clone(), n.clone());
-                    }
-                    Object::Pod(p) => {
-                        state
-                            .pods
-                            .insert((p.namespace.clone(), p.name.clone()), p.clone());
-                    }
-                    Object::Namespace(n) => {
-                        state.namespaces.insert(n.name.clone(), n.clone());
-                    }
-                    Object::Announcement(a) => {
-                        state.announcements.insert(a.node.clone(), (**a).clone());
-                    }
-                    Object::Config(c) => state.config = c.clone(),
-                }
+                state.insert(object, DIAGNOSTIC_SOURCE);
             }
         }
         (state, diags)
