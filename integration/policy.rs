@@ -177,17 +177,26 @@ fn check_targets(
     }
 }
 
+/// The cluster's pods: the first `NODES * PODS_PER_NODE` of the topology
+/// (the ones after them are the unregistered workloads of scenario 10b).
+const NODES: u8 = 3;
+const PODS_PER_NODE: u8 = 2;
+const N_PODS: usize = NODES as usize * PODS_PER_NODE as usize;
+
+fn cluster_pods(f: &Fixture) -> Vec<&Pod> {
+    f.topo.pods[..N_PODS].iter().collect()
+}
+
 /// [`check_targets`] over pods only.
 fn check(f: &Fixture, scenario: &str, want: impl Fn(Who, Who) -> Cell) {
-    let pods: Vec<&Pod> = f.topo.pods.iter().collect();
+    let pods = cluster_pods(f);
     let targets = pod_targets(f);
     check_targets(&pods, &targets, scenario, |a, b| Some(want(a, b)));
 }
 
 fn pod_targets(f: &Fixture) -> Vec<Target<'_>> {
-    f.topo
-        .pods
-        .iter()
+    cluster_pods(f)
+        .into_iter()
         .map(|p| Target {
             who: placement(p.node, p.slot),
             ip: p.ip,
@@ -310,13 +319,14 @@ impl Drop for LongFlow {
 #[test]
 fn reachability_matrix_under_policies() {
     require_root();
-    let mut f = Fixture::new(3, 2, true, true);
+    let mut f = Fixture::new(NODES, PODS_PER_NODE, true, true);
     f.dir.add_namespace("alpha", &[("team", "a")]);
     f.dir.add_namespace("beta", &[("team", "b")]);
     let pods: Vec<(String, u8, u8, String)> = f
         .topo
         .pods
         .iter()
+        .take(N_PODS)
         .map(|p| (p.name.clone(), p.node, p.slot, p.ip.to_string()))
         .collect();
     for (name, node, slot, ip) in &pods {
@@ -325,10 +335,18 @@ fn reachability_matrix_under_policies() {
         let node_name = f.topo.node(*node).name.clone();
         f.dir.add_pod(w.ns, name, &[("app", w.app)], &node_name, ip);
     }
-    // Port B servers in every pod.
+    // Two workloads on node 3 inside its pod CIDR that are NOT pods of the
+    // cluster (never written to the cluster dir): what an ipBlock selects.
+    let ext = [f.topo.add_pod(3), f.topo.add_pod(3)];
+    // Port B servers in every pod, both ports in the two workloads.
     let work = f.work().to_path_buf();
     let mut servers = std::mem::take(&mut f.servers);
-    for p in &f.topo.pods {
+    for p in &f.topo.pods[..N_PODS] {
+        servers.start_ports_in(&p.ns, &p.name, TCP_PORT_B, UDP_PORT_B, &work);
+    }
+    for &i in &ext {
+        let p = &f.topo.pods[i];
+        servers.start_ports_in(&p.ns, &p.name, TCP_PORT, UDP_PORT, &work);
         servers.start_ports_in(&p.ns, &p.name, TCP_PORT_B, UDP_PORT_B, &work);
     }
     f.servers = servers;
@@ -534,7 +552,7 @@ fn reachability_matrix_under_policies() {
         }
     });
 
-    // 10. ipBlock with except, on egress from beta. Veil (like Cilium)
+    // 10a. ipBlock, on egress from beta. Veil (like Cilium)
     // never matches a pod address with an ipBlock: a pod's address resolves
     // to the pod's identity, rules about pods are written with selectors. So
     // an egress allow to 10.244.0.0/16 (every pod CIDR; except node 2's)
@@ -551,7 +569,7 @@ fn reachability_matrix_under_policies() {
     });
     check(
         &f,
-        "10. ipBlock over the pod CIDRs matches no pod",
+        "10a. ipBlock over the pod CIDRs matches no pod",
         |from, to| {
             if from.ns != "beta" || to.ns == "beta" {
                 ALL
@@ -560,6 +578,58 @@ fn reachability_matrix_under_policies() {
             }
         },
     );
+
+    // 10b. ipBlock with except on addresses that are not pods: the two
+    // unregistered workloads on node 3 (10.244.3.12 and .13). beta may reach
+    // the block 10.244.3.12/31 except .13, so .12 and not .13; alpha is
+    // not isolated and reaches both. Cross-node and same-node (node 3's
+    // beta pod) senders alike.
+    apply(&f, |f| {
+        let (a, b) = (f.topo.pods[ext[0]].ip, f.topo.pods[ext[1]].ip);
+        f.dir.write_raw(
+            "np-egress.yaml",
+            &np(
+                "egress",
+                "beta",
+                &format!("  podSelector: {{}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{podSelector: {{}}}}, {{ipBlock: {{cidr: {a}/31, except: [{b}/32]}}}}]}}]\n"),
+            ),
+        );
+    });
+    {
+        let pods = cluster_pods(&f);
+        let mut targets = pod_targets(&f);
+        for (k, &i) in ext.iter().enumerate() {
+            let p = &f.topo.pods[i];
+            targets.push(Target {
+                who: Who {
+                    ns: "ext",
+                    app: if k == 0 { "allowed" } else { "except" },
+                    node: p.node,
+                },
+                ip: p.ip,
+                name: &p.name,
+            });
+        }
+        check_targets(
+            &pods,
+            &targets,
+            "10b. ipBlock with except (egress from beta)",
+            |from, to| {
+                if to.ns == "ext" {
+                    return Some(if from.ns == "beta" && to.app == "except" {
+                        NONE
+                    } else {
+                        ALL
+                    });
+                }
+                Some(if from.ns != "beta" || to.ns == "beta" {
+                    ALL
+                } else {
+                    NONE
+                })
+            },
+        );
+    }
 
     // 11. requireEncryption: beta admits every namespace, only through the
     // tunnel; a same-node sender reaches the pod over the plaintext veth path.
