@@ -4,12 +4,14 @@
 //! for each scenario: every pod to every pod, TCP and UDP, each on two ports
 //! (port A: TCP 7001 / UDP 7002, port B: TCP 8001 / UDP 8002).
 //!
-//! Scenarios (12 matrices): no policy, default deny, allow by label across
+//! Scenarios (15 matrices): no policy, default deny, allow by label across
 //! nodes (TCP endPort range), port-specific allow, endPort ranges per
 //! protocol, namespaceSelector+podSelector in one peer vs two peers, deny
 //! overriding allow, namespace isolation with empty podSelectors, egress
-//! only, ipBlock with except, requireEncryption, and a policy update while a
-//! long-lived TCP connection keeps exchanging data.
+//! only, ipBlock over the pod CIDRs (matches no pod), ipBlock with except on
+//! non-pod workloads, requireEncryption, and a policy update while a
+//! long-lived TCP connection keeps exchanging data (matrices before and
+//! after). Probes run in parallel; a failure prints both matrices.
 mod harness;
 
 use std::fmt::Write as _;
@@ -689,8 +691,10 @@ fn reachability_matrix_under_policies() {
     );
 
     let before = policy_updates(&f);
+    let written = Instant::now();
     f.dir.write_raw("np-db.yaml", &db_policy("nobody"));
     wait_applied(&f, &before);
+    let apply_took = written.elapsed();
     let applied = Instant::now();
     let rounds_at_change = flow.rounds();
     // Every attempt is a fresh connection (new source port, new tuple).
@@ -713,7 +717,10 @@ fn reachability_matrix_under_policies() {
         result.is_ok() && rounds_after >= 20,
         "the established connection must survive the update: {result:?}, {rounds_after} rounds after it"
     );
-    eprintln!("12. update: new connections denied after {denied:?}, old connection {rounds_after} rounds after the change");
+    eprintln!(
+        "12. update: agents applied it {apply_took:?} after the write; new connections denied \
+         {denied:?} after that; the old connection made {rounds_after} rounds after it"
+    );
     check(
         &f,
         "12b. after the update: nobody into alpha/db",
