@@ -12,6 +12,9 @@ use super::topology::Pod;
 pub const PROBE_BIN: &str = env!("CARGO_BIN_EXE_veil-probe");
 pub const TCP_PORT: u16 = 7001;
 pub const UDP_PORT: u16 = 7002;
+/// A second pair of echo ports, for tests that tell ports apart (policy).
+pub const TCP_PORT_B: u16 = 8001;
+pub const UDP_PORT_B: u16 = 8002;
 
 /// Echo servers (TCP and UDP) in a set of pods; killed on drop.
 #[derive(Debug, Default)]
@@ -31,6 +34,27 @@ impl Servers {
             cmd.args([kind, &port.to_string()]);
             let log = logdir.join(format!("{}-{kind}.log", pod.name));
             let mut bg = Bg::spawn(format!("{kind} in {}", pod.name), cmd, &log);
+            bg.wait_for_log("listening on", Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{e}"));
+            self.procs.push(bg);
+        }
+    }
+
+    /// Starts a TCP echo server on `tcp_port` and a UDP one on `udp_port` in any
+    /// namespace (a pod's or a node's), named `name` in logs, and waits until they listen.
+    pub fn start_ports_in(
+        &mut self,
+        ns: &super::netns::Netns,
+        name: &str,
+        tcp_port: u16,
+        udp_port: u16,
+        logdir: &Path,
+    ) {
+        for (kind, port) in [("tcp-server", tcp_port), ("udp-server", udp_port)] {
+            let mut cmd = ns.cmd(PROBE_BIN);
+            cmd.args([kind, &port.to_string()]);
+            let log = logdir.join(format!("{name}-{kind}-{port}.log"));
+            let mut bg = Bg::spawn(format!("{kind} :{port} in {name}"), cmd, &log);
             bg.wait_for_log("listening on", Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("{e}"));
             self.procs.push(bg);
@@ -134,6 +158,58 @@ pub fn tcp(from: &Pod, to: Ipv4Addr, bytes: u64, canary: &str, timeout: Duration
             &TCP_PORT.to_string(),
             "--bytes",
             &bytes.to_string(),
+            "--canary",
+            canary,
+            "--timeout-ms",
+            &timeout.as_millis().to_string(),
+        ],
+    )
+}
+
+/// [`tcp`] to any address and port.
+pub fn tcp_port(
+    from: &Pod,
+    to: Ipv4Addr,
+    port: u16,
+    bytes: u64,
+    canary: &str,
+    timeout: Duration,
+) -> ProbeResult {
+    run_in(
+        from,
+        &[
+            PROBE_BIN,
+            "tcp-client",
+            &to.to_string(),
+            &port.to_string(),
+            "--bytes",
+            &bytes.to_string(),
+            "--canary",
+            canary,
+            "--timeout-ms",
+            &timeout.as_millis().to_string(),
+        ],
+    )
+}
+
+/// [`udp`] to any address and port: `count` datagrams, no retries.
+pub fn udp_port(
+    from: &Pod,
+    to: Ipv4Addr,
+    port: u16,
+    count: u32,
+    canary: &str,
+    timeout: Duration,
+) -> ProbeResult {
+    run_in(
+        from,
+        &[
+            PROBE_BIN,
+            "udp-client",
+            &to.to_string(),
+            &port.to_string(),
+            "--count",
+            &count.to_string(),
             "--canary",
             canary,
             "--timeout-ms",
