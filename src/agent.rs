@@ -618,6 +618,14 @@ pub fn remote_entries(desired: &Desired) -> BTreeMap<IpNet, RemoteValue> {
         };
         out.insert(cidr.trunc(), value);
     }
+    for (ip, node) in &desired.remote_node_ips {
+        let value = RemoteValue {
+            has_peer: true,
+            local: false,
+            node_id: nodes.get(node.as_str()).copied().unwrap_or(0),
+        };
+        out.insert(IpNet::from(*ip), value);
+    }
     for cidr in &desired.local_pod_cidrs {
         let value = RemoteValue {
             has_peer: false,

@@ -51,6 +51,10 @@ pub struct Desired {
     pub peers: BTreeMap<String, PeerSpec>,
     /// Every remote pod CIDR known from Node objects.
     pub remote_cidrs: BTreeMap<IpNet, RemoteCidr>,
+    /// Addresses of remote nodes that have a peer: pod traffic to them is
+    /// steered into the tunnel too (BPF only: routing host traffic to them
+    /// through the tunnel would loop WireGuard's own UDP).
+    pub remote_node_ips: BTreeMap<IpAddr, String>,
     /// Pods scheduled on this node that have an IP.
     pub local_endpoints: BTreeMap<IpAddr, LocalEndpoint>,
     /// Identity of every remote pod IP (the receive side trusts these because
@@ -342,6 +346,30 @@ fn peers(
         for cidr in &allowed_ips {
             if let Some(remote) = d.remote_cidrs.get_mut(cidr) {
                 remote.peer = Some(acc.public_key);
+            }
+        }
+        // The node's own address too: in strict mode a node's replies to our
+        // pods (a pod talking to its kubelet, a NodePort) reach it through the
+        // tunnel with that source, and cryptokey routing must accept them as
+        // the node's. Not if it lies in a pod range, which would let the node
+        // speak for a pod address.
+        let mut allowed_ips = allowed_ips;
+        if let Some(ip) = info.internal_ip {
+            let in_pod_range = d
+                .remote_cidrs
+                .keys()
+                .chain(&d.local_pod_cidrs)
+                .chain(&d.cluster_pod_cidrs)
+                .any(|c| c.contains(&ip));
+            if in_pod_range {
+                diags.push(
+                    format!("Node/{name}"),
+                    format!("InternalIP {ip} lies inside a pod CIDR; not accepted as the node's tunnel source"),
+                );
+            } else {
+                allowed_ips.push(IpNet::from(ip));
+                d.ipcache.insert(ip, Identity::REMOTE_NODE);
+                d.remote_node_ips.insert(ip, name.clone());
             }
         }
         d.peers.insert(
@@ -746,6 +774,19 @@ mod tests {
     }
 
     #[test]
+    fn a_node_address_inside_a_pod_range_is_not_allowed() {
+        let mut s = three_nodes();
+        s.nodes.get_mut("c").unwrap().internal_ip = Some(ip("10.244.2.77"));
+        let out = desired(&s, "a");
+        assert_eq!(out.desired.peers["c"].allowed_ips, vec![net("10.244.3.0/24")]);
+        assert!(!out.desired.ipcache.contains_key(&ip("10.244.2.77")));
+        assert!(out
+            .diagnostics
+            .iter()
+            .any(|d| d.object == "Node/c" && d.problem.contains("inside a pod CIDR")));
+    }
+
+    #[test]
     fn three_node_cluster() {
         let s = three_nodes();
         let out = desired(&s, "a");
@@ -761,11 +802,19 @@ mod tests {
                 node: "b".into(),
                 public_key: key(2),
                 endpoint: "198.18.0.2:51820".parse().unwrap(),
-                allowed_ips: vec![net("10.244.2.0/24"), net("fd00:10:244:2::/64")],
+                // Its pod CIDRs, and its own address for its replies to our pods.
+                allowed_ips: vec![
+                    net("10.244.2.0/24"),
+                    net("fd00:10:244:2::/64"),
+                    net("198.18.0.2/32")
+                ],
             }
         );
         assert_eq!(d.peers["c"].endpoint, "198.19.0.3:51999".parse().unwrap());
-        assert_eq!(d.peers["c"].allowed_ips, vec![net("10.244.3.0/24")]);
+        assert_eq!(
+            d.peers["c"].allowed_ips,
+            vec![net("10.244.3.0/24"), net("198.18.0.3/32")]
+        );
 
         assert_eq!(d.remote_cidrs.len(), 3);
         assert_eq!(
@@ -783,7 +832,17 @@ mod tests {
         assert_eq!((pa.namespace.as_str(), pa.name.as_str()), ("default", "pa"));
         assert_eq!(
             d.ipcache.keys().copied().collect::<Vec<_>>(),
-            vec![ip("10.244.2.10"), ip("10.244.3.10")]
+            vec![
+                ip("10.244.2.10"),
+                ip("10.244.3.10"),
+                ip("198.18.0.2"),
+                ip("198.18.0.3")
+            ]
+        );
+        assert_eq!(d.ipcache[&ip("198.18.0.2")], Identity::REMOTE_NODE);
+        assert_eq!(
+            d.remote_node_ips.keys().copied().collect::<Vec<_>>(),
+            vec![ip("198.18.0.2"), ip("198.18.0.3")]
         );
         // Same namespace and labels: same identity, wherever the pod runs.
         assert_eq!(d.ipcache[&ip("10.244.2.10")], pa.identity);
@@ -902,7 +961,7 @@ mod tests {
         assert_eq!(d.remote_cidrs[&net("fd00:20::/56")].peer, Some(key(2)));
         assert_eq!(
             d.peers["c"].allowed_ips,
-            vec![net("10.244.3.0/24")],
+            vec![net("10.244.3.0/24"), net("198.18.0.3/32")],
             "{:#?}",
             d.peers
         );
@@ -1308,7 +1367,9 @@ mod tests {
             d.local_endpoints.keys().copied().collect::<Vec<_>>(),
             vec![ip("10.244.1.10")]
         );
-        assert_eq!(d.ipcache.len(), 2);
+        let pods = d.ipcache.values().filter(|i| **i != Identity::REMOTE_NODE);
+        assert_eq!(pods.count(), 2);
+        // Our own address is not a remote node.
         assert!(!d.ipcache.contains_key(&ip("198.18.0.1")));
     }
 
@@ -1376,6 +1437,8 @@ mod tests {
         );
         assert!(problems[0].contains("collides"), "{problems:#?}");
         // Both pods are still reachable; only policy precision suffers.
-        assert_eq!(out.desired.ipcache.len(), 4);
+        let ipcache = &out.desired.ipcache;
+        let pods = ipcache.values().filter(|i| **i != Identity::REMOTE_NODE);
+        assert_eq!(pods.count(), 4);
     }
 }
