@@ -233,13 +233,17 @@ fn restart_keeps_the_key_and_lost_keys_are_adopted_without_restarts() {
 /// (d) Three rotations of every node's key while UDP at a fixed rate and a
 /// long TCP transfer run between pods on every pair of nodes.
 ///
-/// Needs the engine's `rotate_key` (hitless: the responder also answers for
-/// the previous key during the grace period); see `ENGINE_CAN_ROTATE` in
-/// src/agent.rs. Without it the first `keys rotate --wait` times out naming
-/// every node ("still at generation 1"). With the `rotate` branch merged
-/// (trial run, 12:00 UTC): all three rotations completed and every peer
-/// switched, the TCP transfers survived, but UDP loss was 21/780 and 3/1020
-/// (over the 0.1 % limit), all on the node1 <-> node2 pairs.
+/// The three `--wait` rounds finish within about a second, so each peer
+/// stacks one retiring session slot per key change on either side before the
+/// new handshakes complete. The engine used to trim its retiring slots to 4 by
+/// dropping the oldest, often the only one with a completed session; it now
+/// drops slots without a session first (`rotation::evict`). That is not the
+/// whole story: of three runs at 12:44-12:49 UTC one passed (1/1040 lost) and
+/// two failed (26/540, of which one whole batch of 20 on node3 -> node2;
+/// 5/940). The agent logs then show initiations from a peer's new key dropped
+/// ("handshake from a key that is not a configured peer") before its
+/// announcement is accepted, and the initiator waiting REKEY_TIMEOUT (5 s)
+/// before retrying; the path of the lost batch is not yet found.
 #[test]
 fn rotate_all_three_times_under_load() {
     require_root();
@@ -352,6 +356,179 @@ fn rotate_all_three_times_under_load() {
             );
         }
     }
+    f.assert_agents_alive();
+}
+
+/// `spec.keyRotation.interval`: agents allowed short intervals (hidden
+/// test-only minimum) rotate on their own and their peers follow; an agent
+/// with the default 10 min minimum refuses an 8 s interval with a clear log
+/// and keeps its key; a malformed interval is reported and the last good
+/// one stays in force; removing it stops automatic rotation.
+#[test]
+fn rotation_interval_rotates_keys_automatically() {
+    require_root();
+    let mut f = Fixture::new(3, 1, true, true);
+    f.start_agents(&[1, 2, 3], 0);
+    let canary = canary("interval");
+    let names: Vec<String> = (1..=3).map(|i| f.topo.node(i).name.clone()).collect();
+    // Agents 1 and 2 honour intervals down to 1 s; agent 3 keeps the default.
+    for i in [1u8, 2] {
+        f.agent(i).set_env("VEIL_TEST_MIN_KEY_ROTATION_SECS", "1");
+        f.agent(i).restart();
+    }
+    for i in [1u8, 2] {
+        let idx = f
+            .agents
+            .iter()
+            .position(|a| a.node == names[usize::from(i - 1)])
+            .unwrap();
+        f.agents[idx]
+            .wait_ready(&f.dir, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    {
+        let (p1, p2, p3) = (f.topo.pod(1, 0), f.topo.pod(2, 0), f.topo.pod(3, 0));
+        warm_up(&[(p1, p2), (p2, p3), (p3, p1)], &canary);
+    }
+    let before: Vec<Announcement> = names.iter().map(|n| announcement(&f, n)).collect();
+    let config = |interval: Option<&str>| {
+        let mut spec = serde_json::json!({
+            "encryption": {"enabled": true, "strict": true},
+            "clusterPodCIDRs": ["10.244.0.0/16"],
+        });
+        if let Some(i) = interval {
+            spec["keyRotation"] = serde_json::json!({"interval": i});
+        }
+        serde_json::json!({
+            "apiVersion": "veil.dev/v1alpha1",
+            "kind": "VeilClusterConfig",
+            "metadata": {"name": "default"},
+            "spec": spec,
+        })
+    };
+    let cap = f.capture();
+    f.dir
+        .write_objects("veilclusterconfig.yaml", &[config(Some("8s"))]);
+
+    // Two automatic rotations each on nodes 1 and 2 (8 s apart at most one
+    // resync later), adopted by both peers.
+    for i in [1u8, 2] {
+        let name = &names[usize::from(i - 1)];
+        let cidr = f.topo.node(i).pod_cidr.clone();
+        let want = before[usize::from(i - 1)].trust.generation + 2;
+        let rotated = poll_until(Duration::from_secs(45), Duration::from_millis(200), || {
+            let a = announcement(&f, name);
+            (a.trust.generation >= want).then_some(a)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} did not rotate twice on its own:\n{}",
+                f.agent(i).log()
+            )
+        });
+        for j in (1..=3u8).filter(|j| *j != i) {
+            let adopted = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+                let a = announcement(&f, name);
+                (a.trust.generation >= rotated.trust.generation
+                    && peer_key_for(&mut f, j, &cidr).as_deref()
+                        == Some(a.public_key.to_string().as_str()))
+                .then_some(())
+            });
+            assert!(
+                adopted.is_some(),
+                "node {j} did not follow {name}'s automatic rotation:\n{}",
+                f.agent(j).wg_show()
+            );
+        }
+    }
+    assert!(
+        f.agent(1).log().contains("reason=key is"),
+        "the rotation log must say it was the interval:\n{}",
+        f.agent(1).log()
+    );
+    // Agent 3 refuses 8 s (below its 600 s minimum) and keeps its key.
+    let refusal = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        f.agent(3)
+            .log()
+            .lines()
+            .find(|l| {
+                l.contains("VeilClusterConfig/default")
+                    && l.contains("spec.keyRotation.interval: 8s is below the minimum of 600s")
+            })
+            .map(str::to_string)
+    });
+    assert!(
+        refusal.is_some(),
+        "agent 3 did not refuse 8 s:\n{}",
+        f.agent(3).log()
+    );
+    assert_eq!(
+        announcement(&f, &names[2]).trust.generation,
+        before[2].trust.generation,
+        "node 3 rotated despite refusing the interval"
+    );
+
+    // A malformed interval is reported naming the file and field; the last
+    // good one (8 s) stays in force, so node 1 keeps rotating.
+    f.dir
+        .write_objects("veilclusterconfig.yaml", &[config(Some("8 parsecs"))]);
+    let reported = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        f.agent(1)
+            .log()
+            .lines()
+            .find(|l| {
+                l.contains("veilclusterconfig.yaml")
+                    && l.contains("spec.keyRotation.interval: `8 parsecs`")
+            })
+            .map(str::to_string)
+    });
+    assert!(
+        reported.is_some(),
+        "agent 1 did not report the bad interval:\n{}",
+        f.agent(1).log()
+    );
+    let g1 = announcement(&f, &names[0]).trust.generation;
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            (announcement(&f, &names[0]).trust.generation > g1).then_some(())
+        })
+        .is_some(),
+        "the last good interval must stay in force after a bad edit"
+    );
+
+    // No interval: automatic rotation stops (after a rotation possibly
+    // already under way when the config changed).
+    f.dir
+        .write_objects("veilclusterconfig.yaml", &[config(None)]);
+    let stopped = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        f.agent(1)
+            .log()
+            .lines()
+            .rev()
+            .find(|l| {
+                l.contains("automatic WireGuard key rotation interval")
+                    && !l.contains("interval_secs")
+            })
+            .map(str::to_string)
+    });
+    assert!(
+        stopped.is_some(),
+        "agent 1 did not drop the interval:\n{}",
+        f.agent(1).log()
+    );
+    let settled = announcement(&f, &names[0]).trust.generation;
+    // Two full intervals without a rotation.
+    let moved = poll_until(Duration::from_secs(16), Duration::from_millis(500), || {
+        (announcement(&f, &names[0]).trust.generation != settled).then_some(())
+    });
+    assert!(moved.is_none(), "node 1 kept rotating without an interval");
+
+    let (p1, p2, p3) = (f.topo.pod(1, 0), f.topo.pod(2, 0), f.topo.pod(3, 0));
+    warm_up(&[(p1, p2), (p2, p3), (p3, p1)], &canary);
+    let t = tcp(p1, p2.ip, 256 * 1024, &canary, Duration::from_secs(10));
+    assert!(t.ok, "tcp after automatic rotations: {}", t.output);
+    let r = f.finish(cap, &canary);
+    r.assert_clean("automatic rotation");
     f.assert_agents_alive();
 }
 

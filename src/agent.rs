@@ -50,7 +50,16 @@ pub struct Config {
     /// Demo/test only: the authority's key store (`veilctl ca init --out`
     /// dir, or its `authority.key`), so the agent certifies its own identity.
     pub auto_approve_with: Option<PathBuf>,
+    /// Shortest `spec.keyRotation.interval` honoured; shorter ones are
+    /// reported and the last good interval is kept.
+    /// [`MIN_KEY_ROTATION_INTERVAL`] unless a test lowers it.
+    pub min_key_rotation_interval: Duration,
 }
+
+/// Below this, automatic rotation would mostly churn handshakes: each
+/// rotation needs every peer to read the new announcement within the grace
+/// period ([`ROTATION_GRACE`]).
+pub const MIN_KEY_ROTATION_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// How long a signed announcement is valid, and when it is re-signed.
 pub const ANNOUNCEMENT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
@@ -194,6 +203,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         cert_problem: None,
         rotation_problem: None,
         previous_until,
+        rotation_interval: None,
+        interval_problem: None,
     };
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,6 +252,10 @@ struct Node {
     rotation_problem: Option<String>,
     /// When the previous WireGuard key stops being needed.
     previous_until: Option<std::time::Instant>,
+    /// The last good `spec.keyRotation.interval` (`None`: only on request).
+    rotation_interval: Option<Duration>,
+    /// Why the configured interval is not used, as last logged.
+    interval_problem: Option<String>,
 }
 
 impl Node {
@@ -270,6 +285,7 @@ impl Node {
         }
         let desired = outcome.desired;
 
+        self.update_rotation_interval(state.config.key_rotation_interval);
         self.rotate_if_requested();
         self.announce(state, &desired);
         self.apply_peers(&desired);
@@ -425,8 +441,37 @@ impl Node {
         }
     }
 
-    /// Carries out `veilctl keys rotate`: when the requested generation is
-    /// above ours, rotate (keymgr keeps the old key for the grace period,
+    /// Takes the configured rotation interval if it is not below the
+    /// minimum; otherwise logs once and keeps the last good one, as for any
+    /// other bad config field.
+    fn update_rotation_interval(&mut self, configured: Option<Duration>) {
+        match check_rotation_interval(configured, self.cfg.min_key_rotation_interval) {
+            Ok(interval) => {
+                if interval != self.rotation_interval {
+                    info!(
+                        interval_secs = interval.map(|i| i.as_secs()),
+                        "automatic WireGuard key rotation interval"
+                    );
+                }
+                self.rotation_interval = interval;
+                self.interval_problem = None;
+            }
+            Err(problem) => {
+                if self.interval_problem.as_ref() != Some(&problem) {
+                    warn!(
+                        object = "VeilClusterConfig/default",
+                        kept_secs = self.rotation_interval.map(|i| i.as_secs()),
+                        "skipped: {problem}; keeping the last good interval"
+                    );
+                    self.interval_problem = Some(problem);
+                }
+            }
+        }
+    }
+
+    /// Carries out `veilctl keys rotate` (when the requested generation is
+    /// above ours) and `spec.keyRotation.interval` (when the current key is
+    /// older than it): rotate (keymgr keeps the old key for the grace period,
     /// the engine keeps answering for it), and the next announcement
     /// publishes the new key. After the grace period the old key is deleted.
     fn rotate_if_requested(&mut self) {
@@ -440,12 +485,41 @@ impl Node {
                 Err(e) => error!("deleting the previous WireGuard key after its grace period: {e}"),
             }
         }
-        let want = match trust::read_rotation(&self.cfg.cluster_dir, &self.cfg.node) {
-            Ok(Some(g)) if g > self.generation => g,
-            Ok(_) => return,
+        let requested = match trust::read_rotation(&self.cfg.cluster_dir, &self.cfg.node) {
+            Ok(Some(g)) if g > self.generation => Some(g),
+            Ok(_) => None,
             Err(e) => {
                 self.rotation_note(format!("reading the rotation request: {e}"));
-                return;
+                None
+            }
+        };
+        let reason = match (requested, self.rotation_interval) {
+            (Some(g), _) => format!("requested generation {g}"),
+            (None, None) => return,
+            (None, Some(interval)) => {
+                // The key file is replaced by an atomic rename on every
+                // rotation and never rewritten otherwise, so its mtime is when
+                // this generation was created, also across restarts.
+                let path = store.path(keymgr::KeyKind::WireGuard);
+                let created = match std::fs::metadata(&path).and_then(|m| m.modified()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.rotation_note(format!(
+                            "reading the age of the WireGuard key {}: {e}",
+                            path.display()
+                        ));
+                        return;
+                    }
+                };
+                let now = std::time::SystemTime::now();
+                if !rotation_due(created, now, interval) {
+                    return;
+                }
+                format!(
+                    "key is {}s old, interval {}s",
+                    now.duration_since(created).unwrap_or_default().as_secs(),
+                    interval.as_secs()
+                )
             }
         };
         let (old, new) = match store.rotate_wireguard() {
@@ -465,7 +539,7 @@ impl Node {
         info!(
             old_generation = old.generation,
             new_generation = new.generation,
-            requested_generation = want,
+            reason = %reason,
             public_key = %PublicKey(new.key.public_key()),
             grace_secs = ROTATION_GRACE.as_secs(),
             "rotated the WireGuard key"
@@ -637,6 +711,32 @@ pub fn remote_entries(desired: &Desired) -> BTreeMap<IpNet, RemoteValue> {
     out
 }
 
+/// Whether a key created at `created` is due for rotation at `now`. A key
+/// dated in the future (the clock went back) is not: rotating on every pass
+/// until the clock catches up would churn every peer's session.
+pub fn rotation_due(
+    created: std::time::SystemTime,
+    now: std::time::SystemTime,
+    interval: Duration,
+) -> bool {
+    now.duration_since(created).is_ok_and(|age| age >= interval)
+}
+
+/// The interval to use for `configured`, or why it is refused.
+pub fn check_rotation_interval(
+    configured: Option<Duration>,
+    minimum: Duration,
+) -> Result<Option<Duration>, String> {
+    match configured {
+        Some(i) if i < minimum => Err(format!(
+            "spec.keyRotation.interval: {}s is below the minimum of {}s",
+            i.as_secs(),
+            minimum.as_secs()
+        )),
+        other => Ok(other),
+    }
+}
+
 /// After a restart within a rotation's grace period, the engine keeps
 /// answering for the previous key until the grace period that began with the
 /// rotation (the previous key file's mtime) ends; a stale one is deleted.
@@ -686,6 +786,37 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn rotation_is_due_once_the_key_is_as_old_as_the_interval() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let created = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86_400);
+        assert!(!rotation_due(created, created, day));
+        assert!(!rotation_due(
+            created,
+            created + day - Duration::from_secs(1),
+            day
+        ));
+        assert!(rotation_due(created, created + day, day));
+        assert!(rotation_due(created, created + 3 * day, day));
+        // Clock went back: never due.
+        assert!(!rotation_due(created, created - day, day));
+    }
+
+    #[test]
+    fn rotation_interval_below_the_minimum_is_refused() {
+        let min = MIN_KEY_ROTATION_INTERVAL;
+        assert_eq!(check_rotation_interval(None, min), Ok(None));
+        assert_eq!(check_rotation_interval(Some(min), min), Ok(Some(min)));
+        let err = check_rotation_interval(Some(Duration::from_secs(60)), min).unwrap_err();
+        assert!(err.contains("spec.keyRotation.interval: 60s"), "{err}");
+        assert!(err.contains("minimum of 600s"), "{err}");
+        assert_eq!(
+            check_rotation_interval(Some(Duration::from_secs(5)), Duration::from_secs(1)),
+            Ok(Some(Duration::from_secs(5)))
+        );
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub struct ClusterConfig {
     /// an address in them that is neither local nor served by a peer is
     /// dropped — this covers a node whose Node object is gone or not yet seen.
     pub cluster_pod_cidrs: Vec<IpNet>,
+    /// `spec.keyRotation.interval`: each agent rotates its WireGuard key when
+    /// the current one is older than this; `None` rotates only on request.
+    pub key_rotation_interval: Option<std::time::Duration>,
 }
 
 impl Default for ClusterConfig {
@@ -186,6 +189,7 @@ impl Default for ClusterConfig {
             encryption_enabled: false,
             strict: true,
             cluster_pod_cidrs: Vec::new(),
+            key_rotation_interval: None,
         }
     }
 }

@@ -744,6 +744,7 @@ mod tests {
                 encryption_enabled: true,
                 strict: true,
                 cluster_pod_cidrs: vec![],
+                ..ClusterConfig::default()
             },
             ..ClusterState::default()
         };
@@ -892,6 +893,7 @@ mod tests {
             encryption_enabled: false,
             strict: false,
             cluster_pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..ClusterConfig::default()
         };
         let d = desired(&s, "a").desired;
         assert!(!d.encryption_enabled && !d.strict);

@@ -410,9 +410,12 @@ impl PeerState {
 
     fn trim(&mut self) {
         while self.retiring.len() > rotation::MAX_RETIRING {
-            if let Some(s) = self.retiring.pop() {
-                self.drop_slot_counts(&s);
-            }
+            let ages: Vec<Option<Duration>> = self.retiring.iter().map(Slot::age).collect();
+            let Some(i) = rotation::evict(&ages) else {
+                break;
+            };
+            let s = self.retiring.remove(i);
+            self.drop_slot_counts(&s);
         }
     }
 
@@ -1717,6 +1720,8 @@ mod tests {
             st.add_retiring(Slot::new(&k0, [i; 32], None, 20 + u32::from(i), None));
         }
         assert_eq!(st.retiring.len(), rotation::MAX_RETIRING);
+        // None has a session: the last in the list (oldest) go first.
+        assert_eq!(st.retiring[0].index, 5);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Agent {
     /// The test's cluster authority directory: the agent trusts its public
     /// key and auto-approves its own identity with it.
     ca: PathBuf,
+    /// Extra environment for the next (re)start, e.g. hidden test-only flags.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -50,9 +52,15 @@ impl Agent {
             log: work.join(format!("agent-{}.log", node.name)),
             proc: None,
             ca: work.join(CA_DIR),
+            env: Vec::new(),
         };
         a.spawn();
         a
+    }
+
+    /// Sets `key=value` in the agent's environment from its next restart on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     pub fn key_dir(&self) -> &Path {
@@ -88,6 +96,9 @@ impl Agent {
             .arg(&self.ca);
         // Plain text logs: the tests search them for file and object names.
         cmd.env("NO_COLOR", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,veil=debug");
         }

@@ -53,6 +53,11 @@ struct Args {
     /// identity, so anyone who can start an agent can join the cluster.
     #[arg(long, env = "VEIL_AUTO_APPROVE_WITH")]
     auto_approve_with: Option<PathBuf>,
+    /// TESTS ONLY (hidden): the shortest `spec.keyRotation.interval` honoured,
+    /// in seconds; default 600 (10 min). Lets an integration test watch
+    /// automatic rotation within seconds.
+    #[arg(long, hide = true, env = "VEIL_TEST_MIN_KEY_ROTATION_SECS")]
+    test_min_key_rotation_secs: Option<u64>,
 }
 
 fn init_logging() {
@@ -100,6 +105,11 @@ fn main() -> ExitCode {
         resync: Duration::from_millis(args.resync_ms.max(100)),
         authority_public_key: args.authority_public_key,
         auto_approve_with: args.auto_approve_with,
+        min_key_rotation_interval: args
+            .test_min_key_rotation_secs
+            .map_or(agent::MIN_KEY_ROTATION_INTERVAL, |s| {
+                Duration::from_secs(s.max(1))
+            }),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -826,6 +826,7 @@ metadata: {resourceVersion: ""}
                 encryption_enabled: true,
                 strict: true,
                 cluster_pod_cidrs: vec![],
+                ..ClusterConfig::default()
             }
         );
         let ann = &state.announcements["n2"];

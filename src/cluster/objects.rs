@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -45,6 +46,8 @@ pub enum ObjectError {
         value: String,
         reason: String,
     },
+    #[error("spec.keyRotation.interval: `{value}` {reason} (expected a positive duration such as `24h`, `90m`, `1h30m`, `7d`)")]
+    InvalidInterval { value: String, reason: String },
     #[error("spec.publicKey: {0} (expected the 44-character base64 form printed by `wg pubkey`)")]
     InvalidPublicKey(#[source] keymgr::Error),
     #[error("spec.listenPort: port 0 cannot be reached")]
@@ -174,6 +177,71 @@ pub struct VeilClusterConfigSpec {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub cluster_pod_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotation: Option<KeyRotationSpec>,
+}
+
+/// `spec.keyRotation` of the `VeilClusterConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRotationSpec {
+    /// Rotate each node's WireGuard key when it is older than this, e.g.
+    /// `24h`; absent: rotate only on `veilctl keys rotate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+}
+
+/// Largest accepted rotation interval: far beyond any sensible schedule, and
+/// small enough that adding it to a timestamp cannot overflow.
+const MAX_INTERVAL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses a duration written as one or more `<digits><unit>` parts, units
+/// `s`, `m`, `h`, `d` (`24h`, `1h30m`, `3600s`), like Go's
+/// `time.ParseDuration` that Kubernetes users know, without fractions.
+pub fn parse_interval(value: &str) -> Result<Duration, ObjectError> {
+    let bad = |reason: &str| ObjectError::InvalidInterval {
+        value: value.into(),
+        reason: reason.into(),
+    };
+    let text = value.trim();
+    if text.is_empty() {
+        return Err(bad("is empty"));
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: u64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad(&format!("has `{c}`, which is not a digit or a unit"))),
+        };
+        if digits.is_empty() {
+            return Err(bad(&format!("has unit `{c}` without a number before it")));
+        }
+        let n: u64 = digits.parse().map_err(|_| bad("has a number too large"))?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|part| total.checked_add(part))
+            .ok_or_else(|| bad("is too long"))?;
+    }
+    if !digits.is_empty() {
+        return Err(bad("ends in a number without a unit"));
+    }
+    let interval = Duration::from_secs(total);
+    if interval.is_zero() {
+        return Err(bad("is zero"));
+    }
+    if interval > MAX_INTERVAL {
+        return Err(bad("is longer than 10 years"));
+    }
+    Ok(interval)
 }
 
 /// `veil.dev/v1alpha1 VeilClusterConfig`, cluster-scoped; only `default` counts.
@@ -215,6 +283,12 @@ impl TryFrom<&VeilClusterConfigSpec> for ClusterConfig {
             .iter()
             .map(|c| parse_cidr("spec.clusterPodCIDRs", c))
             .collect::<Result<Vec<_>, _>>()?;
+        let key_rotation_interval = spec
+            .key_rotation
+            .as_ref()
+            .and_then(|k| k.interval.as_deref())
+            .map(parse_interval)
+            .transpose()?;
         Ok(ClusterConfig {
             encryption_enabled: spec
                 .encryption
@@ -222,6 +296,7 @@ impl TryFrom<&VeilClusterConfigSpec> for ClusterConfig {
                 .unwrap_or(defaults.encryption_enabled),
             strict: spec.encryption.strict.unwrap_or(defaults.strict),
             cluster_pod_cidrs,
+            key_rotation_interval,
         })
     }
 }
@@ -694,6 +769,7 @@ status:
                 encryption_enabled: false,
                 strict: true,
                 cluster_pod_cidrs: vec![],
+                ..ClusterConfig::default()
             }
         );
         let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true}}\n");
@@ -703,6 +779,7 @@ status:
                 encryption_enabled: true,
                 strict: true,
                 cluster_pod_cidrs: vec![],
+                ..ClusterConfig::default()
             }
         );
         let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {encryption: {enabled: true, strict: false}}\n");
@@ -720,6 +797,56 @@ status:
         let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {clusterPodCIDRs: [10.244.0.0/40]}\n");
         let err = ClusterConfig::try_from(&cfg.spec).unwrap_err().to_string();
         assert!(err.contains("spec.clusterPodCIDRs"), "{err}");
+    }
+
+    #[test]
+    fn key_rotation_interval_is_parsed_and_validated() {
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {keyRotation: {interval: 1h30m}}\n");
+        assert_eq!(
+            ClusterConfig::try_from(&cfg.spec)
+                .unwrap()
+                .key_rotation_interval,
+            Some(Duration::from_secs(5400))
+        );
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {keyRotation: {}}\n");
+        assert_eq!(
+            ClusterConfig::try_from(&cfg.spec)
+                .unwrap()
+                .key_rotation_interval,
+            None
+        );
+        let cfg: VeilClusterConfig = yaml("apiVersion: veil.dev/v1alpha1\nkind: VeilClusterConfig\nmetadata: {name: default}\nspec: {keyRotation: {interval: 24}}\n");
+        let err = ClusterConfig::try_from(&cfg.spec).unwrap_err().to_string();
+        assert!(err.contains("spec.keyRotation.interval: `24`"), "{err}");
+        assert!(err.contains("without a unit"), "{err}");
+    }
+
+    #[test]
+    fn interval_formats() {
+        assert_eq!(parse_interval("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_interval("7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(
+            parse_interval(" 3600s ").unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            parse_interval("1d2h3m4s").unwrap(),
+            Duration::from_secs(93_784)
+        );
+        for bad in [
+            "",
+            "0s",
+            "0h0m",
+            "h",
+            "10",
+            "1.5h",
+            "-1h",
+            "1w",
+            "99999999999999999999s",
+            "4000d",
+        ] {
+            assert!(parse_interval(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

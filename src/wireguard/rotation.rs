@@ -21,10 +21,14 @@ pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// reordered behind the first new ones) are not lost.
 pub const PEER_REKEY_OVERLAP: Duration = Duration::from_secs(10);
 
-/// Retiring slots kept per peer at most; beyond this the oldest goes first.
-/// Each is one `Tunn` (a few KiB), and in practice at most two exist (our
-/// previous key and the peer's previous key).
-pub const MAX_RETIRING: usize = 4;
+/// Retiring slots kept per peer at most; beyond this one goes (see
+/// [`evict`]). Each is one `Tunn` (a few KiB). One rotation leaves one or two
+/// (our previous key and the peer's previous key), but back-to-back rotations
+/// on both sides (`veilctl keys rotate --all` three times within a second)
+/// stack one slot per key change on either side before any new handshake has
+/// completed: three rounds make six, plus the slot answering for our previous
+/// key.
+pub const MAX_RETIRING: usize = 8;
 
 /// Whether a session of this age (`None`: no session) can encrypt now.
 pub fn usable(age: Option<Duration>) -> bool {
@@ -55,6 +59,23 @@ pub fn send_slot(ages: impl IntoIterator<Item = Option<Duration>>) -> usize {
         }
     }
     best.map_or(0, |(i, _)| i)
+}
+
+/// Which retiring slot to drop when there are too many: `ages` are the
+/// retiring slots' session ages, newest slot first. The oldest slot without a
+/// usable session goes first; only if every one has a session does the one
+/// with the oldest session go. Dropping simply the oldest slot lost traffic:
+/// after rapid rotations the oldest slot is often the only one whose
+/// handshake has completed, i.e. the one carrying every packet
+/// ([`send_slot`]) until a new session is up.
+pub fn evict(ages: &[Option<Duration>]) -> Option<usize> {
+    if let Some(i) = ages.iter().rposition(|a| !usable(*a)) {
+        return Some(i);
+    }
+    ages.iter()
+        .enumerate()
+        .max_by_key(|(_, a)| a.unwrap_or_default())
+        .map(|(i, _)| i)
 }
 
 /// Whether a retiring slot can be dropped: not before `retire_at`, and then
@@ -126,6 +147,21 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Option<Duration> = |s| Some(Duration::from_secs(s));
+
+    #[test]
+    fn eviction_keeps_the_slots_that_carry_traffic() {
+        // The oldest slot is the only one with a session: a dead one goes.
+        assert_eq!(evict(&[None, None, S(30)]), Some(1));
+        // Expired sessions count as dead.
+        assert_eq!(evict(&[S(1), S(200), S(30)]), Some(1));
+        // All alive: the oldest session goes, never the youngest (the one
+        // `send_slot` would pick).
+        assert_eq!(evict(&[S(5), S(90), S(30)]), Some(1));
+        let ages = [S(5), S(90), S(30)];
+        let chosen = evict(&ages).unwrap();
+        assert_ne!(send_slot([None, ages[0], ages[1], ages[2]]), chosen + 1);
+        assert_eq!(evict(&[]), None);
+    }
 
     #[test]
     fn current_slot_wins_once_it_has_a_session() {
