@@ -452,6 +452,36 @@ fn mtu_10mb_tcp_transfer() {
     f.assert_agents_alive();
 }
 
+#[test]
+fn pods_reach_other_nodes_host_addresses_encrypted() {
+    // A pod talking to another node's own address (its kubelet, a NodePort):
+    // the request is steered into the tunnel, the node's reply comes back
+    // through it with the node's address as source, which the receiving
+    // engine accepts because that address is in the node's AllowedIPs. The
+    // capture proves both directions were encrypted: an unsteered request
+    // would carry the pod's address on the underlay.
+    require_root();
+    let mut f = Fixture::new(2, 1, true, true);
+    f.start_agents(&[1, 2], 0);
+    let canary = canary("hostaddr");
+    let cap = f.capture();
+    let (a, b) = (f.topo.pod(1, 0), f.topo.pod(2, 0));
+    warm_up(&[(a, b)], &canary);
+    for (pod, node) in [(a, f.topo.node(2)), (b, f.topo.node(1))] {
+        let p = ping(pod, node.underlay_ip, 5, 56);
+        assert!(
+            p.received >= 4,
+            "{} -> node {}: {}",
+            pod.label(),
+            node.underlay_ip,
+            p.output
+        );
+    }
+    let r = f.finish(cap, &canary);
+    r.assert_clean("pods to other nodes' addresses");
+    f.assert_agents_alive();
+}
+
 /// A log line naming both the file and the object of a problem.
 fn log_names(log: &str, file: &str, object: Option<&str>) -> bool {
     log.lines()

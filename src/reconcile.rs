@@ -779,7 +779,10 @@ mod tests {
         let mut s = three_nodes();
         s.nodes.get_mut("c").unwrap().internal_ip = Some(ip("10.244.2.77"));
         let out = desired(&s, "a");
-        assert_eq!(out.desired.peers["c"].allowed_ips, vec![net("10.244.3.0/24")]);
+        assert_eq!(
+            out.desired.peers["c"].allowed_ips,
+            vec![net("10.244.3.0/24")]
+        );
         assert!(!out.desired.ipcache.contains_key(&ip("10.244.2.77")));
         assert!(out
             .diagnostics
