@@ -7,7 +7,7 @@
 mod harness;
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use harness::cluster::{node_object, pod_object, ClusterDir};
 use harness::fixture::Fixture;
@@ -16,36 +16,11 @@ use harness::poll_until;
 use harness::process::Bg;
 use harness::topology::{Pod, POD_NAMESPACE, WG_PORT};
 use harness::traffic::{
-    self, matrix, parse_ping, ping, tcp, udp, udp_sized, wait_reachable, MatrixSpec,
+    self, canary, matrix, parse_ping, ping, tcp, udp, udp_sized, wait_reachable, warm_up,
+    MatrixSpec,
 };
 use harness::wggo::WireguardGo;
 use serde_json::json;
-
-/// A payload marker unique to this test run: if a capture ever contains it, a pod's
-/// payload crossed the underlay in the clear.
-fn canary(tag: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("VEILCANARY-{tag}-{:x}{nanos:x}", std::process::id())
-}
-
-/// Waits until `from` and `to` reach each other both ways (UDP echo), so the
-/// WireGuard handshakes are done before a test measures anything.
-fn warm_up(pairs: &[(&Pod, &Pod)], canary: &str) {
-    for (a, b) in pairs {
-        for (from, to) in [(a, b), (b, a)] {
-            let t = wait_reachable(from, to.ip, canary, Duration::from_secs(20));
-            assert!(
-                t.is_some(),
-                "{} cannot reach {} within 20 s",
-                from.label(),
-                to.label()
-            );
-        }
-    }
-}
 
 /// A continuous `ping` in the background (bounded by `-w`), for "while traffic flows".
 fn background_ping(from: &Pod, to: Ipv4Addr, secs: u32, work: &std::path::Path) -> Bg {

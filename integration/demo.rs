@@ -24,14 +24,14 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use harness::capture::Report;
 use harness::fixture::Fixture;
 use harness::poll_until;
 use harness::process::Bg;
 use harness::topology::{Pod, POD_GATEWAY, WG_PORT};
-use harness::traffic::{parse_ping, tcp, udp, wait_reachable};
+use harness::traffic::{canary, parse_ping, tcp, udp, wait_reachable};
 
 const VEILCTL: &str = env!("CARGO_BIN_EXE_veilctl");
 const NAME: &str = "demo";
@@ -100,14 +100,6 @@ fn indented(text: &str) {
 
 fn ok(claim: &str) {
     println!("  ok: {claim}");
-}
-
-fn canary(tag: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("VEILCANARY-{tag}-{:x}{nanos:x}", std::process::id())
 }
 
 /// Runs `veilctl --cluster-dir DIR ARGS`; panics with its output unless it succeeds.

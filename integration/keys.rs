@@ -7,36 +7,15 @@
 mod harness;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use harness::fixture::Fixture;
 use harness::netns::require_root;
 use harness::poll_until;
 use harness::topology::Pod;
-use harness::traffic::{tcp, udp_sized, wait_reachable};
+use harness::traffic::{canary, tcp, udp_sized, warm_up};
 use veil::cluster::file::FileSource;
 use veil::cluster::{Announcement, PublicKey};
-
-fn canary(tag: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("VEILCANARY-{tag}-{:x}{nanos:x}", std::process::id())
-}
-
-fn warm_up(pairs: &[(&Pod, &Pod)], canary: &str) {
-    for (a, b) in pairs {
-        for (from, to) in [(a, b), (b, a)] {
-            assert!(
-                wait_reachable(from, to.ip, canary, Duration::from_secs(20)).is_some(),
-                "{} cannot reach {} within 20 s",
-                from.label(),
-                to.label()
-            );
-        }
-    }
-}
 
 /// The public key agent `i`'s engine has configured for the peer serving `cidr`.
 fn peer_key_for(f: &mut Fixture, i: u8, cidr: &str) -> Option<String> {

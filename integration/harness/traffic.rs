@@ -337,6 +337,32 @@ pub fn matrix(pods: &[&Pod], spec: MatrixSpec<'_>) -> MatrixResult {
     r
 }
 
+/// A payload marker unique to this test run: if a capture ever contains it, a pod's
+/// payload crossed the underlay in the clear.
+pub fn canary(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("VEILCANARY-{tag}-{:x}{nanos:x}", std::process::id())
+}
+
+/// Waits until each pair reaches each other both ways (UDP echo), so the
+/// WireGuard handshakes are done before a test measures anything.
+pub fn warm_up(pairs: &[(&Pod, &Pod)], canary: &str) {
+    for (a, b) in pairs {
+        for (from, to) in [(a, b), (b, a)] {
+            let t = wait_reachable(from, to.ip, canary, Duration::from_secs(20));
+            assert!(
+                t.is_some(),
+                "{} cannot reach {} within 20 s",
+                from.label(),
+                to.label()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
