@@ -56,6 +56,8 @@ fn fallback_table_and_rule_converge_and_clean_up() {
     assert!(routes.contains("blackhole 10.244.3.0/24"), "{routes}");
     let rules = ns.exec_ok(&["ip", "rule", "show"]);
     assert!(rules.contains(&format!("lookup {table}")), "{rules}");
+    let rules6 = ns.exec_ok(&["ip", "-6", "rule", "show"]);
+    assert!(rules6.contains(&format!("lookup {table}")), "{rules6}");
 
     // The lookup really goes through Veil's table: to a remote CIDR via the device...
     let get = ns.exec_ok(&["ip", "route", "get", "10.244.2.5"]);
@@ -81,6 +83,8 @@ fn fallback_table_and_rule_converge_and_clean_up() {
     assert!(routes.trim().is_empty(), "{routes}");
     let rules = ns.exec_ok(&["ip", "rule", "show"]);
     assert!(!rules.contains(&format!("lookup {table}")), "{rules}");
+    let rules6 = ns.exec_ok(&["ip", "-6", "rule", "show"]);
+    assert!(!rules6.contains(&format!("lookup {table}")), "{rules6}");
 }
 
 #[test]

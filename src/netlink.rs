@@ -179,33 +179,25 @@ impl Netlink {
     async fn ensure_rules(&self) -> Result<(), Error> {
         let have = self.veil_rules().await?;
         let has = |fam| have.iter().any(|r| r.header.family == fam);
-        if !has(netlink_packet_route::AddressFamily::Inet) {
-            self.handle
+        use netlink_packet_route::AddressFamily;
+        for (family, name) in [
+            (AddressFamily::Inet, "IPv4"),
+            (AddressFamily::Inet6, "IPv6"),
+        ] {
+            if has(family) {
+                continue;
+            }
+            let mut add = self
+                .handle
                 .rule()
                 .add()
-                .v4()
                 .table_id(TABLE)
                 .priority(RULE_PRIORITY)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await
-                .map_err(req(format!(
-                    "add rule {RULE_PRIORITY}: lookup {TABLE} (IPv4)"
-                )))?;
-        }
-        if !has(netlink_packet_route::AddressFamily::Inet6) {
-            self.handle
-                .rule()
-                .add()
-                .v6()
-                .table_id(TABLE)
-                .priority(RULE_PRIORITY)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await
-                .map_err(req(format!(
-                    "add rule {RULE_PRIORITY}: lookup {TABLE} (IPv6)"
-                )))?;
+                .action(RuleAction::ToTable);
+            add.message_mut().header.family = family;
+            add.execute().await.map_err(req(format!(
+                "add rule {RULE_PRIORITY}: lookup {TABLE} ({name})"
+            )))?;
         }
         Ok(())
     }
