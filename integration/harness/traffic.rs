@@ -149,21 +149,7 @@ pub fn parse_ping(output: &str) -> PingResult {
 
 /// `veil-probe tcp-client`: `bytes` through the TCP echo server in `to`, checked.
 pub fn tcp(from: &Pod, to: Ipv4Addr, bytes: u64, canary: &str, timeout: Duration) -> ProbeResult {
-    run_in(
-        from,
-        &[
-            PROBE_BIN,
-            "tcp-client",
-            &to.to_string(),
-            &TCP_PORT.to_string(),
-            "--bytes",
-            &bytes.to_string(),
-            "--canary",
-            canary,
-            "--timeout-ms",
-            &timeout.as_millis().to_string(),
-        ],
-    )
+    tcp_port(from, to, TCP_PORT, bytes, canary, timeout)
 }
 
 /// [`tcp`] to any address and port.
