@@ -21,7 +21,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tracing::{debug, error, info, warn};
 
-use crate::cluster::file::FileSource;
+use crate::cluster::source::{Source, SourceConfig};
 use crate::cluster::trust::{self, Certificates};
 use crate::cluster::{Announcement, ClusterState, Diagnostic, NodeKeyStatus, PublicKey};
 use crate::datapath::{Datapath, DatapathConfig, EndpointValue, RemoteValue};
@@ -34,10 +34,21 @@ pub const DEFAULT_MTU: u16 = 1420;
 pub const DEFAULT_PORT: u16 = 51820;
 pub const DEFAULT_TUN: &str = "veil0";
 
+mod observe;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node: String,
+    /// Where node certificates (`veilcerts/`) and rotation requests
+    /// (`veilrotations/`) are read: the cluster dir with the file source.
     pub cluster_dir: PathBuf,
+    /// Where the cluster state comes from: a directory or the Kubernetes API.
+    pub source: SourceConfig,
+    /// Listen address of `/metrics` and `/healthz`; `None`: no server.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The agent loop's ERROR events, counted by a tracing layer
+    /// (`veil_reconcile_errors_total`, and `/healthz` after a failed pass).
+    pub error_count: crate::metrics::ErrorCount,
     pub key_dir: PathBuf,
     pub uapi_socket: Option<PathBuf>,
     pub tun_name: String,
@@ -106,10 +117,16 @@ pub enum Error {
     AutoApprove { path: PathBuf, problem: String },
     #[error("{0}")]
     Trust(#[from] trust::Error),
+    #[error("cluster source: {0}")]
+    Source(#[from] crate::cluster::source::Error),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::Error),
 }
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let metrics = crate::metrics::Metrics::default();
+    let _metrics_server = observe::start_server(cfg.metrics_addr, &metrics).await?;
     let store = keymgr::KeyStore::new(&cfg.key_dir);
     let key = store
         .load_or_generate_wireguard()
@@ -179,17 +196,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     datapath.attach_tun(engine.tun_name())?;
     let netlink = Netlink::connect()?;
 
-    let mut source = FileSource::new(cfg.cluster_dir.clone());
-    let (_watcher, mut changes) = source.watch().map_err(|source| Error::Watch {
-        dir: cfg.cluster_dir.clone(),
-        source,
-    })?;
+    let source = Source::open(&cfg.source).await?;
+    info!(source = source.kind(), "cluster source open");
 
     let mut node = Node {
         cfg: cfg.clone(),
         engine,
         datapath,
         netlink,
+        source,
         peers: None,
         attached: BTreeMap::new(),
         diagnostics: BTreeSet::new(),
@@ -212,13 +227,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = changes.recv() => debug!("cluster dir changed"),
+            () = node.source.changed() => debug!("cluster source changed"),
             _ = resync.tick() => {}
         }
-        // Coalesce a burst of change events into one pass.
-        while changes.try_recv().is_ok() {}
-        let (state, diags) = source.load();
-        node.reconcile(&state, diags).await;
+        let (state, diags) = node.source.load();
+        // Never program the datapath from a partial (unsynced) state.
+        let errors_before = cfg.error_count.get();
+        let pass = if node.source.synced() {
+            node.reconcile(&state, diags).await;
+            observe::Pass::Reconciled {
+                errors: cfg.error_count.get().saturating_sub(errors_before),
+            }
+        } else {
+            observe::Pass::Unsynced(diags)
+        };
+        observe::publish(&metrics, node.observe(&state, pass));
     }
     info!("shutting down; BPF filters and strict-mode blackholes stay in place (fail closed)");
     node.engine.shutdown();
@@ -231,6 +254,7 @@ struct Node {
     engine: Engine,
     datapath: Datapath,
     netlink: Netlink,
+    source: Source,
     peers: Option<Vec<PeerConfig>>,
     /// Host-side pod interfaces with `from_pod` attached: name -> ifindex.
     attached: BTreeMap<String, u32>,
@@ -421,8 +445,7 @@ impl Node {
         if current == Some(&want) && self.published.as_ref() == Some(&want) {
             return;
         }
-        let source = FileSource::new(self.cfg.cluster_dir.clone());
-        match source.publish_announcement(&want) {
+        match self.source.publish_announcement(&want) {
             Ok(()) => {
                 if self.published.as_ref().map(|p| (&p.public_key, &p.trust))
                     != Some((&want.public_key, &want.trust))

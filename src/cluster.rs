@@ -7,6 +7,7 @@
 pub mod file;
 pub mod kube;
 pub mod objects;
+pub mod source;
 pub mod trust;
 
 use std::collections::BTreeMap;

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod cluster;
 pub mod datapath;
 pub mod identity;
+pub mod metrics;
 pub mod netlink;
 pub mod policy;
 pub mod reconcile;

@@ -1105,6 +1105,13 @@ impl Engine {
         self.shared.counters.snapshot()
     }
 
+    /// Whether every engine thread is still running. The threads loop until
+    /// shutdown, so one that finished earlier has died (it panicked or its
+    /// device or socket failed): the node no longer encrypts (`/healthz`).
+    pub fn is_running(&self) -> bool {
+        !self.shared.stop.load(Ordering::SeqCst) && self.threads.iter().all(|h| !h.is_finished())
+    }
+
     /// Stops the threads, closes the TUN device (it disappears) and removes the
     /// UAPI socket.
     pub fn shutdown(self) {

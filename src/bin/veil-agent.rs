@@ -1,10 +1,13 @@
-//! `veil-agent`: the per-node Veil agent (file cluster source).
+//! `veil-agent`: the per-node Veil agent. Reads the cluster from a directory
+//! (`--cluster-dir`) or from the Kubernetes API (otherwise).
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use veil::agent::{self, DEFAULT_MTU, DEFAULT_PORT, DEFAULT_TUN};
+use veil::cluster::source::SourceConfig;
+use veil::metrics::ErrorCount;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,8 +19,20 @@ struct Args {
     #[arg(long, env = "VEIL_NODE")]
     node: String,
     /// Directory of Kubernetes objects as YAML (the file cluster source).
+    /// Without it the agent reads the Kubernetes API.
     #[arg(long, env = "VEIL_CLUSTER_DIR")]
-    cluster_dir: PathBuf,
+    cluster_dir: Option<PathBuf>,
+    /// Cluster source: `file` (needs --cluster-dir) or `kube`. Default: `file`
+    /// when --cluster-dir is given, otherwise `kube`.
+    #[arg(long, env = "VEIL_SOURCE", value_enum)]
+    source: Option<SourceKind>,
+    /// Kubeconfig for the kube source. Default: the in-cluster service
+    /// account, then $KUBECONFIG or ~/.kube/config (as kubectl).
+    #[arg(long, env = "VEIL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Listen address of /metrics (OpenMetrics) and /healthz; `none` disables.
+    #[arg(long, env = "VEIL_METRICS_ADDR", default_value = veil::metrics::DEFAULT_ADDR)]
+    metrics_addr: String,
     /// Where this node's private keys live (created 0700, files 0600).
     #[arg(long, env = "VEIL_KEY_DIR", default_value = "/var/lib/veil/keys")]
     key_dir: PathBuf,
@@ -60,16 +75,50 @@ struct Args {
     test_min_key_rotation_secs: Option<u64>,
 }
 
-fn init_logging() {
-    use tracing_subscriber::{fmt, EnvFilter};
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    File,
+    Kube,
+}
+
+/// Which source the flags select, or why they contradict each other.
+fn source_config(args: &Args) -> Result<SourceConfig, String> {
+    let kind = args.source.unwrap_or(if args.cluster_dir.is_some() {
+        SourceKind::File
+    } else {
+        SourceKind::Kube
+    });
+    match (kind, &args.cluster_dir, &args.kubeconfig) {
+        (SourceKind::File, Some(dir), None) => Ok(SourceConfig::File { dir: dir.clone() }),
+        (SourceKind::File, None, _) => Err("--source file needs --cluster-dir".into()),
+        (SourceKind::File, Some(_), Some(_)) => {
+            Err("--kubeconfig is for the kube source; --cluster-dir selects the file source".into())
+        }
+        (SourceKind::Kube, Some(_), _) => {
+            Err("--source kube reads the Kubernetes API; drop --cluster-dir".into())
+        }
+        (SourceKind::Kube, None, kubeconfig) => Ok(SourceConfig::Kube {
+            kubeconfig: kubeconfig.clone(),
+        }),
+    }
+}
+
+/// Logs go to stderr (filtered by RUST_LOG); the error counter sees every
+/// ERROR event whatever the filter.
+fn init_logging(errors: ErrorCount) {
+    use tracing_subscriber::{fmt, prelude::*, EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let out = fmt::layer().with_writer(std::io::stderr);
+    let out = if json {
+        out.json().boxed()
     } else {
-        builder.init();
-    }
+        out.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(out.with_filter(filter))
+        .with(errors)
+        .init();
 }
 
 async fn shutdown_signal() {
@@ -93,10 +142,30 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    let error_count = ErrorCount::default();
+    init_logging(error_count.clone());
+    let source = match source_config(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("veil-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics_addr = match veil::metrics::parse_addr(&args.metrics_addr) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("veil-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = agent::Config {
         node: args.node,
-        cluster_dir: args.cluster_dir,
+        // Kube mode: certificates and rotation requests stay local files,
+        // next to the keys, until they move into the API.
+        cluster_dir: args.cluster_dir.unwrap_or_else(|| args.key_dir.clone()),
+        source,
+        metrics_addr,
+        error_count,
         key_dir: args.key_dir,
         uapi_socket: (!args.no_uapi).then_some(args.uapi_socket),
         tun_name: args.tun_name,
