@@ -288,8 +288,18 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Veil's routing table; empty while it does not exist (nothing programmed).
 fn veil_table(ns: &Netns) -> String {
-    ns.exec_ok(&["ip", "route", "show", "table", VEIL_TABLE])
+    let out = ns.exec(&["ip", "route", "show", "table", VEIL_TABLE]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && err.contains("FIB table does not exist") {
+        return String::new();
+    }
+    assert!(
+        out.status.success(),
+        "ip route show table {VEIL_TABLE}: {err}"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn kubeconfig(path: &Path, port: u16) {
@@ -355,10 +365,14 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
     let mut agent = start_agent(&ns, work.path(), &kc);
 
     // 1. No API server: up, not ready, nothing programmed.
-    let (code, body) = wait(&agent, "/healthz 503", || {
-        http_get(&ns, "/healthz").filter(|(c, _)| *c == 503)
+    // The first pass (after startup's "starting") names what is missing.
+    let (_, body) = wait(&agent, "/healthz 503: not synced", || {
+        http_get(&ns, "/healthz").filter(|(c, b)| *c == 503 && b.contains("kube source not synced"))
     });
-    assert!(body.contains("kube source not synced"), "{code}: {body}");
+    assert!(
+        body.contains("Node: "),
+        "names the kinds not listed: {body}"
+    );
     // Several failed list attempts (with backoff) must pass before we judge.
     wait(&agent, "repeated failed watches", || {
         (agent.log().matches("kube watch failed").count() >= 10).then_some(())
@@ -368,6 +382,11 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
         veil_table(&ns).trim(),
         "",
         "programmed routes from an unsynced state"
+    );
+    let rules = ns.exec_ok(&["ip", "rule", "show"]);
+    assert!(
+        !rules.contains(&format!("lookup {VEIL_TABLE}")) && !rules.contains("lookup 0x5e11"),
+        "added Veil's rule from an unsynced state: {rules}"
     );
     let (_, metrics) = http_get(&ns, "/metrics").expect("scrape");
     assert_eq!(
