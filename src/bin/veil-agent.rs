@@ -204,3 +204,50 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(flags: &[&str]) -> Result<SourceConfig, String> {
+        let mut argv = vec![
+            "veil-agent",
+            "--node",
+            "n1",
+            "--authority-public-key",
+            "/a.pub",
+        ];
+        argv.extend_from_slice(flags);
+        source_config(&Args::try_parse_from(argv).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn cluster_dir_selects_the_file_source_otherwise_kube() {
+        assert_eq!(
+            source(&["--cluster-dir", "/c"]),
+            Ok(SourceConfig::File { dir: "/c".into() })
+        );
+        assert_eq!(source(&[]), Ok(SourceConfig::Kube { kubeconfig: None }));
+        assert_eq!(
+            source(&["--kubeconfig", "/k"]),
+            Ok(SourceConfig::Kube {
+                kubeconfig: Some("/k".into())
+            })
+        );
+        assert_eq!(
+            source(&["--source", "file", "--cluster-dir", "/c"]),
+            Ok(SourceConfig::File { dir: "/c".into() })
+        );
+    }
+
+    #[test]
+    fn contradictory_source_flags_are_refused() {
+        let err = source(&["--source", "file"]).unwrap_err();
+        assert!(err.contains("needs --cluster-dir"), "{err}");
+        let err = source(&["--source", "kube", "--cluster-dir", "/c"]).unwrap_err();
+        assert!(err.contains("drop --cluster-dir"), "{err}");
+        let err = source(&["--cluster-dir", "/c", "--kubeconfig", "/k"]).unwrap_err();
+        assert!(err.contains("--kubeconfig"), "{err}");
+        assert!(source(&["--source", "etcd"]).is_err());
+    }
+}
