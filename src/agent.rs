@@ -206,6 +206,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         rotation_interval: None,
         interval_problem: None,
     };
+    let mut identities = IdentityAllocator::default();
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -217,7 +218,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
         // Coalesce a burst of change events into one pass.
         while changes.try_recv().is_ok() {}
-        let (state, diags) = source.load();
+        let (mut state, diags) = source.load();
+        identities.step(&mut source, &mut state);
         node.reconcile(&state, diags).await;
     }
     info!("shutting down; BPF filters and strict-mode blackholes stay in place (fail closed)");
@@ -766,6 +768,63 @@ fn restore_previous_key(store: &keymgr::KeyStore, engine: &Engine) -> Option<std
         }
         // Grace period over: the next pass deletes it.
         _ => Some(std::time::Instant::now()),
+    }
+}
+
+/// The identity allocation step (see `crate::identity`): before each
+/// reconcile, publish an identity for every pod label set that has none (so
+/// this pass already uses it), and delete identities unused for the grace
+/// period. Every agent does this for every pod, not only its own: the
+/// create-if-absent write makes racing agents converge, and remote pods do
+/// not stay `init` when their own node's agent is slow.
+#[derive(Default)]
+struct IdentityAllocator {
+    gc: crate::identity::Collector,
+    /// Problems currently reported, so each is logged once.
+    problems: BTreeSet<String>,
+}
+
+impl IdentityAllocator {
+    fn step(&mut self, source: &mut FileSource, state: &mut ClusterState) {
+        let wanted = crate::identity::wanted(state);
+        let (done, errors) =
+            crate::identity::allocate_missing(&mut state.identities, &wanted, source);
+        for (id, key) in &done {
+            info!(identity = id.0, namespace = %key.namespace, labels = ?key.labels, "identity published");
+        }
+        let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+        for problem in now.difference(&self.problems) {
+            warn!("{problem}");
+        }
+        self.problems = now;
+
+        let unused = crate::identity::unused(&state.identities, &wanted);
+        let due = self.gc.due(
+            &unused,
+            std::time::Instant::now(),
+            crate::identity::GC_GRACE,
+        );
+        for id in due {
+            let Some(key) = state.identities.get(&id).cloned() else {
+                self.gc.forget(id);
+                continue;
+            };
+            match source.delete_identity(id, &key) {
+                Ok(deleted) => {
+                    // Not deleted: the file changed or went away; the next
+                    // load shows what it holds now.
+                    if deleted {
+                        info!(identity = id.0, namespace = %key.namespace, labels = ?key.labels, "unused identity deleted");
+                        state.identities.remove(&id);
+                    }
+                    self.gc.forget(id);
+                }
+                Err(e) => warn!(
+                    identity = id.0,
+                    "deleting an unused identity: {e}; retrying"
+                ),
+            }
+        }
     }
 }
 
