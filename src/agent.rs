@@ -777,11 +777,22 @@ fn restore_previous_key(store: &keymgr::KeyStore, engine: &Engine) -> Option<std
 /// period. Every agent does this for every pod, not only its own: the
 /// create-if-absent write makes racing agents converge, and remote pods do
 /// not stay `init` when their own node's agent is slow.
-#[derive(Default)]
 struct IdentityAllocator {
     gc: crate::identity::Collector,
+    /// How long an identity must be unused before it is deleted.
+    grace: Duration,
     /// Problems currently reported, so each is logged once.
     problems: BTreeSet<String>,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        Self {
+            gc: crate::identity::Collector::default(),
+            grace: crate::identity::GC_GRACE,
+            problems: BTreeSet::new(),
+        }
+    }
 }
 
 impl IdentityAllocator {
@@ -799,11 +810,7 @@ impl IdentityAllocator {
         self.problems = now;
 
         let unused = crate::identity::unused(&state.identities, &wanted);
-        let due = self.gc.due(
-            &unused,
-            std::time::Instant::now(),
-            crate::identity::GC_GRACE,
-        );
+        let due = self.gc.due(&unused, std::time::Instant::now(), self.grace);
         for id in due {
             let Some(key) = state.identities.get(&id).cloned() else {
                 self.gc.forget(id);
@@ -926,5 +933,43 @@ mod tests {
             },
         );
         assert!(remote_entries(&d)[&net("10.244.2.0/24")].has_peer);
+    }
+
+    #[test]
+    fn identity_step_publishes_before_reconcile_and_collects_unused() {
+        use crate::cluster::{ClusterState, PodInfo};
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = FileSource::new(dir.path());
+        let mut state = ClusterState::default();
+        state.pods.insert(
+            ("prod".into(), "web".into()),
+            PodInfo {
+                namespace: "prod".into(),
+                name: "web".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                node_name: Some("n1".into()),
+                pod_ip: None,
+                pod_ips: vec![],
+                host_network: false,
+            },
+        );
+        let mut step = IdentityAllocator {
+            grace: Duration::ZERO,
+            ..IdentityAllocator::default()
+        };
+        step.step(&mut source, &mut state);
+        // This pass already has the number, and the dir holds it for the others.
+        let (&id, key) = state.identities.iter().next().expect("published");
+        assert_eq!(key.namespace, "prod");
+        let (reread, _) = source.load();
+        assert_eq!(reread.identities, state.identities);
+        // Still used: kept, however short the grace.
+        step.step(&mut source, &mut state);
+        assert!(state.identities.contains_key(&id));
+        // The pod is gone: deleted once unused for the grace period (0 here).
+        state.pods.clear();
+        step.step(&mut source, &mut state);
+        assert!(state.identities.is_empty());
+        assert!(source.load().0.identities.is_empty());
     }
 }
