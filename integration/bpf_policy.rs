@@ -3,7 +3,8 @@
 //! `Datapath::sync_policy`, and packets are run through `from_pod` / `to_pod`
 //! with BPF_PROG_TEST_RUN. Covers allow, deny (a VeilPolicy deny over an
 //! allow), the reply of an allowed connection, an unknown source identity,
-//! requireEncryption, and an incremental update with a connection in flight.
+//! requireEncryption, an incremental update with a connection in flight, ICMP
+//! echo tracked by identifier, and the close timeout after TCP FIN/RST.
 mod harness;
 
 use std::collections::BTreeMap;
@@ -328,4 +329,136 @@ fn incremental_update_keeps_established_flows_and_denies_new_ones() {
     );
     // Re-applying the same set writes nothing.
     assert_eq!(env.apply().1, 0);
+}
+
+const ICMP: u8 = 1;
+const ECHO_REQUEST: u8 = 8;
+const ECHO_REPLY: u8 = 0;
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// An ICMP echo request or reply (`kind`) with identifier `ident`.
+fn icmp_frame(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, ident: u16) -> Vec<u8> {
+    // Type, code, checksum (not checked), identifier, sequence: the
+    // identifier sits where TCP/UDP keep the destination port.
+    let mut f = frame(src, dst, ICMP, u16::from(kind) << 8, 0);
+    let l4 = 14 + 20;
+    f[l4 + 4..l4 + 6].copy_from_slice(&ident.to_be_bytes());
+    f[l4 + 6..l4 + 8].copy_from_slice(&1u16.to_be_bytes());
+    f
+}
+
+/// A TCP segment with these flags.
+fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = frame(src, dst, TCP, sport, dport);
+    f[14 + 20 + 13] = flags;
+    f
+}
+
+/// web may send anything to tool; nothing may reach web (ingress isolated).
+const WEB_OUT_ONLY: &str = "metadata: {name: web, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  egress: [{to: [{namespaceSelector: {}}]}]\n";
+
+#[test]
+fn echo_replies_pass_only_for_the_ping_they_answer() {
+    let mut env = Env::new();
+    env.np(WEB_OUT_ONLY);
+    env.apply();
+    let ping =
+        |env: &Env, src, dst, kind, ident, hook| env.run(hook, &icmp_frame(src, dst, kind, ident));
+    assert_eq!(
+        ping(&env, TOOL, WEB, ECHO_REPLY, 7, Hook::ToPod),
+        TC_ACT_SHOT,
+        "an unsolicited echo reply"
+    );
+    assert_eq!(
+        ping(&env, WEB, TOOL, ECHO_REQUEST, 7, Hook::FromPod),
+        TC_ACT_REDIRECT,
+        "web's ping is allowed by its egress policy"
+    );
+    assert_eq!(
+        ping(&env, TOOL, WEB, ECHO_REPLY, 7, Hook::ToPod),
+        TC_ACT_REDIRECT,
+        "its reply"
+    );
+    assert_eq!(
+        ping(&env, TOOL, WEB, ECHO_REPLY, 8, Hook::ToPod),
+        TC_ACT_SHOT,
+        "a reply with another identifier answers no tracked ping"
+    );
+    assert_eq!(
+        ping(&env, TOOL, WEB, ECHO_REQUEST, 7, Hook::ToPod),
+        TC_ACT_SHOT,
+        "a request the other way, even with the same identifier, is a new flow"
+    );
+    assert_eq!(
+        ping(&env, DB, WEB, ECHO_REPLY, 7, Hook::FromPod),
+        TC_ACT_SHOT,
+        "a reply from a pod web did not ping"
+    );
+    // The drops are counted against tool -> web ingress.
+    let drops = env.dp.policy_drops().expect("drops");
+    let key = (
+        id("dev", "app=tool").0,
+        id("prod", "app=web").0,
+        Direction::Ingress,
+        Reason::DropPolicy,
+    );
+    assert_eq!(drops[&key], 3);
+    // Same node: web pings db (db is not isolated), db's reply reaches web.
+    assert_eq!(
+        ping(&env, WEB, DB, ECHO_REQUEST, 9, Hook::FromPod),
+        TC_ACT_OK
+    );
+    assert_eq!(ping(&env, DB, WEB, ECHO_REPLY, 9, Hook::FromPod), TC_ACT_OK);
+}
+
+#[test]
+fn fin_and_rst_shorten_the_flow_to_the_close_timeout() {
+    let mut env = Env::new();
+    env.np(WEB_OUT_ONLY);
+    env.apply();
+    let out =
+        |env: &Env, sport, flags| env.run(Hook::FromPod, &tcp_frame(WEB, TOOL, sport, 80, flags));
+    let back =
+        |env: &Env, dport, flags| env.run(Hook::ToPod, &tcp_frame(TOOL, WEB, 80, dport, flags));
+    // Three connections: one closed by FIN, one by RST, one left open.
+    for port in [45000, 45001, 45002] {
+        assert_eq!(out(&env, port, SYN), TC_ACT_REDIRECT);
+        assert_eq!(back(&env, port, SYN | ACK), TC_ACT_REDIRECT);
+    }
+    assert_eq!(out(&env, 45000, FIN | ACK), TC_ACT_REDIRECT);
+    // The teardown still passes right after the FIN.
+    assert_eq!(back(&env, 45000, FIN | ACK), TC_ACT_REDIRECT);
+    assert_eq!(back(&env, 45001, RST), TC_ACT_REDIRECT);
+    // A new connection reusing a closing tuple is judged again: tool may
+    // not connect to web, so tool's SYN is dropped, although the tuple
+    // matches web's closing flow in reverse.
+    assert_eq!(back(&env, 45000, SYN), TC_ACT_SHOT);
+    assert_eq!(
+        back(&env, 45000, ACK),
+        TC_ACT_REDIRECT,
+        "the last ACK of the teardown"
+    );
+    // The kernel clock cannot be moved and every packet that hits an entry
+    // refreshes it, so the close timeout (10 s) is waited out without
+    // probing; then the closed flows' replies are dropped while the open
+    // one, idle just as long, keeps passing (1 h timeout).
+    std::thread::sleep(std::time::Duration::from_millis(10_500));
+    assert_eq!(
+        back(&env, 45000, ACK),
+        TC_ACT_SHOT,
+        "FIN-closed flow expired"
+    );
+    assert_eq!(
+        back(&env, 45001, ACK),
+        TC_ACT_SHOT,
+        "RST-closed flow expired"
+    );
+    assert_eq!(
+        back(&env, 45002, ACK),
+        TC_ACT_REDIRECT,
+        "the open flow lives on"
+    );
 }

@@ -221,6 +221,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         rotation_interval: None,
         interval_problem: None,
     };
+    let mut identities = IdentityAllocator::default();
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -230,10 +231,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             () = node.source.changed() => debug!("cluster source changed"),
             _ = resync.tick() => {}
         }
-        let (state, diags) = node.source.load();
+        let (mut state, diags) = node.source.load();
         // Never program the datapath from a partial (unsynced) state.
         let errors_before = cfg.error_count.get();
         let pass = if node.source.synced() {
+            identities.step(&mut node.source, &mut state).await;
             node.reconcile(&state, diags).await;
             observe::Pass::Reconciled {
                 errors: cfg.error_count.get().saturating_sub(errors_before),
@@ -792,6 +794,71 @@ fn restore_previous_key(store: &keymgr::KeyStore, engine: &Engine) -> Option<std
     }
 }
 
+/// The identity allocation step (see `crate::identity`): before each
+/// reconcile, publish an identity for every pod label set that has none (so
+/// this pass already uses it), and delete identities unused for the grace
+/// period. Every agent does this for every pod, not only its own: the
+/// create-if-absent write makes racing agents converge, and remote pods do
+/// not stay `init` when their own node's agent is slow.
+struct IdentityAllocator {
+    gc: crate::identity::Collector,
+    /// How long an identity must be unused before it is deleted.
+    grace: Duration,
+    /// Problems currently reported, so each is logged once.
+    problems: BTreeSet<String>,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        Self {
+            gc: crate::identity::Collector::default(),
+            grace: crate::identity::GC_GRACE,
+            problems: BTreeSet::new(),
+        }
+    }
+}
+
+impl IdentityAllocator {
+    async fn step(&mut self, source: &mut Source, state: &mut ClusterState) {
+        let wanted = crate::identity::wanted(state);
+        let (done, errors) = source
+            .allocate_identities(&mut state.identities, &wanted)
+            .await;
+        for (id, key) in &done {
+            info!(identity = id.0, namespace = %key.namespace, labels = ?key.labels, "identity published");
+        }
+        let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+        for problem in now.difference(&self.problems) {
+            warn!("{problem}");
+        }
+        self.problems = now;
+
+        let unused = crate::identity::unused(&state.identities, &wanted);
+        let due = self.gc.due(&unused, std::time::Instant::now(), self.grace);
+        for id in due {
+            let Some(key) = state.identities.get(&id).cloned() else {
+                self.gc.forget(id);
+                continue;
+            };
+            match source.delete_identity(id, &key).await {
+                Ok(deleted) => {
+                    // Not deleted: the file changed or went away; the next
+                    // load shows what it holds now.
+                    if deleted {
+                        info!(identity = id.0, namespace = %key.namespace, labels = ?key.labels, "unused identity deleted");
+                        state.identities.remove(&id);
+                    }
+                    self.gc.forget(id);
+                }
+                Err(e) => warn!(
+                    identity = id.0,
+                    "deleting an unused identity: {e}; retrying"
+                ),
+            }
+        }
+    }
+}
+
 /// Decrypted packets arrive on the TUN with pod source addresses that the
 /// kernel's reverse-path filter would reject (their route points elsewhere);
 /// cryptokey routing already authenticated them.
@@ -890,5 +957,43 @@ mod tests {
             },
         );
         assert!(remote_entries(&d)[&net("10.244.2.0/24")].has_peer);
+    }
+
+    #[tokio::test]
+    async fn identity_step_publishes_before_reconcile_and_collects_unused() {
+        use crate::cluster::{ClusterState, PodInfo};
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = Source::file(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.pods.insert(
+            ("prod".into(), "web".into()),
+            PodInfo {
+                namespace: "prod".into(),
+                name: "web".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                node_name: Some("n1".into()),
+                pod_ip: None,
+                pod_ips: vec![],
+                host_network: false,
+            },
+        );
+        let mut step = IdentityAllocator {
+            grace: Duration::ZERO,
+            ..IdentityAllocator::default()
+        };
+        step.step(&mut source, &mut state).await;
+        // This pass already has the number, and the dir holds it for the others.
+        let (&id, key) = state.identities.iter().next().expect("published");
+        assert_eq!(key.namespace, "prod");
+        let (reread, _) = source.load();
+        assert_eq!(reread.identities, state.identities);
+        // Still used: kept, however short the grace.
+        step.step(&mut source, &mut state).await;
+        assert!(state.identities.contains_key(&id));
+        // The pod is gone: deleted once unused for the grace period (0 here).
+        state.pods.clear();
+        step.step(&mut source, &mut state).await;
+        assert!(state.identities.is_empty());
+        assert!(source.load().0.identities.is_empty());
     }
 }

@@ -5,6 +5,7 @@
 //! Everything here is plain data: no I/O.
 
 pub mod file;
+pub mod identity;
 pub mod kube;
 pub mod objects;
 pub mod source;
@@ -208,6 +209,9 @@ pub struct ClusterState {
     /// Validated `NetworkPolicy` and `VeilPolicy` objects, keyed by
     /// `Kind/namespace/name`.
     pub policies: BTreeMap<String, crate::policy::Policy>,
+    /// Published `VeilIdentity` objects: number -> label set. Reconcile
+    /// resolves them with [`crate::identity::Published::resolve`].
+    pub identities: BTreeMap<crate::identity::Identity, crate::identity::IdentityKey>,
     /// Where each object came from, by object reference (`Node/n1`,
     /// `Pod/default/web`): a file path for the file source. Lets problems
     /// found later (while reconciling) still name the file to fix.
@@ -225,6 +229,7 @@ pub enum Object {
     Announcement(Box<Announcement>),
     Config(ClusterConfig),
     Policy(crate::policy::Policy),
+    Identity(identity::PublishedIdentity),
 }
 
 impl Object {
@@ -238,6 +243,7 @@ impl Object {
             Object::Announcement(a) => format!("VeilNode/{}", a.node),
             Object::Config(_) => format!("VeilClusterConfig/{}", objects::CLUSTER_CONFIG_NAME),
             Object::Policy(p) => p.id.to_string(),
+            Object::Identity(i) => identity::PublishedIdentity::object_ref(i.id),
         }
     }
 }
@@ -263,6 +269,9 @@ impl ClusterState {
             Object::Config(c) => self.config = c.clone(),
             Object::Policy(p) => {
                 self.policies.insert(p.id.to_string(), p.clone());
+            }
+            Object::Identity(i) => {
+                self.identities.insert(i.id, i.key.clone());
             }
         }
     }

@@ -3,14 +3,18 @@
 //! The number travels in `skb->mark` between the TC hooks of one node:
 //! `mark = (identity << 8) | MARK_MAGIC_IDENTITY`.
 //!
-//! Allocation is a stable hash, so every node computes the same number
-//! without talking to the others; [`allocate`] resolves hash collisions
-//! deterministically over the set of label sets present (see there for the
-//! trade-off against a published allocation). Values from
-//! [`Identity::FIRST_LOCAL`] up are node-local (the policy compiler's CIDR
-//! identities) and never leave the node.
+//! Allocation is published through the cluster source, like Cilium's CRD
+//! identity allocation: a `VeilIdentity` object named after the number holds
+//! the label set ([`crate::cluster::identity`]). An agent that needs a number
+//! for a label set without one walks a fixed candidate sequence (the stable
+//! hash [`identity_for`], then the numbers after it) and creates the first
+//! free candidate with create-if-absent semantics ([`allocate_missing`]);
+//! reconcile only reads the published set ([`Published`]), so every node
+//! maps a label set to the same number, and numbers do not move when other
+//! label sets come and go. Values from [`Identity::FIRST_LOCAL`] up are
+//! node-local (the policy compiler's CIDR identities) and never leave the node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// A numeric security identity.
@@ -26,6 +30,10 @@ impl Identity {
     pub const UNMANAGED: Identity = Identity(3);
     /// Another node of the cluster (its host network).
     pub const REMOTE_NODE: Identity = Identity(4);
+    /// A pod whose identity is not published yet. No policy selects it as a
+    /// peer by labels, and as a subject it is denied everything but its own
+    /// node in each direction some policy would isolate it (fail closed).
+    pub const INIT: Identity = Identity(5);
 
     /// Identities below this are reserved for the constants above and future ones.
     pub const FIRST_ALLOCATED: u32 = 256;
@@ -48,6 +56,7 @@ impl fmt::Display for Identity {
             Identity::WORLD => f.write_str("2 (world)"),
             Identity::UNMANAGED => f.write_str("3 (unmanaged)"),
             Identity::REMOTE_NODE => f.write_str("4 (remote-node)"),
+            Identity::INIT => f.write_str("5 (init)"),
             Identity(n) => write!(f, "{n}"),
         }
     }
@@ -123,42 +132,334 @@ pub fn identity_for(namespace: &str, labels: &BTreeMap<String, String>) -> Ident
     Identity(Identity::FIRST_ALLOCATED + (hash % span) as u32)
 }
 
-/// Allocates identities to every `(namespace, labels)` key present, the
-/// same on every node that sees the same set.
+/// The labels an identity stands for (the policy compiler's key type).
+pub use crate::policy::compile::IdentityKey;
+
+/// How many candidates an allocation tries before giving up. Each taken
+/// candidate is a different label set that hashed (or probed) to the same
+/// number; 64 in a row is astronomically unlikely with honest writers, so
+/// reaching it means someone filled the range on purpose.
+pub const MAX_PROBES: u32 = 64;
+
+/// How long a published identity must be unused, continuously as this agent
+/// sees it, before the agent deletes it. Long enough to cover watch lag and
+/// a pod being recreated with the same labels (a rolling update).
+pub const GC_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error(
+        "identity for namespace {namespace} labels {labels:?}: {tries} candidate numbers in a row are \
+         taken by other label sets; not allocated (treated as `init`)",
+        namespace = key.namespace,
+        labels = key.labels
+    )]
+    Exhausted { key: IdentityKey, tries: u32 },
+    #[error(
+        "identity for namespace {namespace} labels {labels:?}: creating VeilIdentity/{id}: {problem}; \
+         retried on the next pass (treated as `init` until then)",
+        namespace = key.namespace,
+        labels = key.labels,
+        id = id.0
+    )]
+    Store {
+        key: IdentityKey,
+        id: Identity,
+        problem: String,
+    },
+    #[error(
+        "identity for namespace {namespace} labels {labels:?}: cannot be published: {problem} \
+         (treated as `init`)",
+        namespace = key.namespace,
+        labels = key.labels
+    )]
+    Unpublishable { key: IdentityKey, problem: String },
+}
+
+/// The `attempt`-th candidate number for `key`: its hash, then the numbers
+/// after it (wrapping inside the allocated range). Every agent walks the
+/// same sequence, which is what makes racing agents converge.
+pub fn candidate(key: &IdentityKey, attempt: u32) -> Identity {
+    let start = identity_for(&key.namespace, &key.labels).0 - Identity::FIRST_ALLOCATED;
+    let span = Identity::FIRST_LOCAL - Identity::FIRST_ALLOCATED;
+    Identity(Identity::FIRST_ALLOCATED + (start + attempt % span) % span)
+}
+
+/// The published identities, resolved: one number per label set.
 ///
-/// Each key gets [`identity_for`], its hash. Two keys that hash to the same
-/// value are resolved deterministically: the key that sorts first keeps the
-/// hash, the next one takes the next free value (wrapping inside the
-/// allocated range). So every node with the same cluster view computes the
-/// same numbers without coordination, and collisions (about 3% odds for
-/// 1,000 label sets in ~16.7 M values) no longer merge two label sets into
-/// one identity.
-///
-/// The cost of not publishing allocations: when the colliding key that
-/// sorts first appears or disappears, the other one is renumbered, and
-/// nodes that have not yet seen the change disagree until they do (one
-/// resync). Only label sets that collide are affected; a published
-/// allocation (identities written to the cluster source by the first agent
-/// that needs one) would remove that window at the cost of a writer and
-/// garbage collection, and is left for the kube source.
-pub fn allocate<'a>(
-    keys: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
-) -> BTreeMap<(String, BTreeMap<String, String>), Identity> {
-    let sorted: std::collections::BTreeSet<(&str, &BTreeMap<String, String>)> =
-        keys.into_iter().collect();
-    let mut taken = std::collections::HashSet::new();
-    let mut out = BTreeMap::new();
-    for (ns, labels) in sorted {
-        let mut id = identity_for(ns, labels).0;
-        while !taken.insert(id) {
-            id += 1;
-            if id >= Identity::FIRST_LOCAL {
-                id = Identity::FIRST_ALLOCATED;
+/// Two objects can name the same label set (an agent whose view lacked the
+/// first one created a second): the lowest number wins everywhere, so every
+/// node that sees the same objects picks the same one, and the loser is
+/// unused and garbage collected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    by_key: BTreeMap<IdentityKey, Identity>,
+    /// Losing duplicates: number -> the number that wins for its label set.
+    pub duplicates: BTreeMap<Identity, Identity>,
+}
+
+impl Published {
+    pub fn resolve(published: &BTreeMap<Identity, IdentityKey>) -> Self {
+        let mut out = Published::default();
+        // Ascending numbers: the first seen per key is the lowest.
+        for (id, key) in published {
+            match out.by_key.get(key) {
+                Some(&winner) => {
+                    out.duplicates.insert(*id, winner);
+                }
+                None => {
+                    out.by_key.insert(key.clone(), *id);
+                }
             }
         }
-        out.insert((ns.to_string(), labels.clone()), Identity(id));
+        out
+    }
+
+    /// The published identity of pods in `namespace` with `labels`, if any.
+    pub fn get(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Option<Identity> {
+        // Borrowed lookups need the owned key type; label sets are small.
+        self.by_key
+            .get(&IdentityKey {
+                namespace: namespace.to_string(),
+                labels: labels.clone(),
+            })
+            .copied()
+    }
+
+    /// Like [`Self::get`], but [`Identity::INIT`] while nothing is published.
+    pub fn of(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Identity {
+        self.get(namespace, labels).unwrap_or(Identity::INIT)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IdentityKey, Identity)> {
+        self.by_key.iter().map(|(k, id)| (k, *id))
+    }
+}
+
+/// What a create-if-absent of `VeilIdentity/<id>` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// The object did not exist; ours is now published.
+    Created,
+    /// It exists already: with this label set, or `None` when the existing
+    /// object is malformed (then the number is taken by nobody usable, and
+    /// is skipped rather than overwritten).
+    Exists(Option<IdentityKey>),
+}
+
+/// Where identities are published: the cluster dir or the API server. The
+/// only write is create-if-absent, so no writer can overwrite another's
+/// allocation.
+pub trait IdentityStore {
+    fn create(&mut self, id: Identity, key: &IdentityKey) -> Result<Created, String>;
+}
+
+/// An in-memory store: tests, and tools that compute identities from a
+/// snapshot (`veilctl policy trace` on a state without published identities).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryStore(pub BTreeMap<Identity, IdentityKey>);
+
+impl IdentityStore for MemoryStore {
+    fn create(&mut self, id: Identity, key: &IdentityKey) -> Result<Created, String> {
+        match self.0.get(&id) {
+            Some(existing) => Ok(Created::Exists(Some(existing.clone()))),
+            None => {
+                self.0.insert(id, key.clone());
+                Ok(Created::Created)
+            }
+        }
+    }
+}
+
+/// The label sets that need an identity: every pod that is an endpoint
+/// (host-network pods share their node's address and identity).
+pub fn wanted(state: &crate::cluster::ClusterState) -> BTreeSet<IdentityKey> {
+    state
+        .pods
+        .values()
+        .filter(|p| !p.host_network)
+        .map(|p| IdentityKey {
+            namespace: p.namespace.clone(),
+            labels: p.labels.clone(),
+        })
+        .collect()
+}
+
+/// Publishes an identity for every key in `wanted` that has none in
+/// `published`, and records in `published` what it created or learned.
+/// Returns the numbers it created or adopted, and what failed.
+///
+/// For each key the candidates of [`candidate`] are tried in order: one the
+/// view already holds for another label set is skipped; otherwise the agent
+/// creates it. Losing the race to an agent that created the same number for
+/// the same label set is success (both converge on it); for another label
+/// set, the next candidate is tried. Since all agents walk the same
+/// sequence and the store arbitrates each number, they end on one number.
+pub fn allocate_missing<S: IdentityStore>(
+    published: &mut BTreeMap<Identity, IdentityKey>,
+    wanted: &BTreeSet<IdentityKey>,
+    store: &mut S,
+) -> (Vec<(Identity, IdentityKey)>, Vec<Error>) {
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for key in missing(published, wanted, &mut errors) {
+        let mut attempt = 0;
+        loop {
+            match next_candidate(published, &key, &mut attempt) {
+                Next::Have(id) => {
+                    done.push((id, key));
+                    break;
+                }
+                Next::Exhausted(e) => {
+                    errors.push(e);
+                    break;
+                }
+                Next::Create(id) => match store.create(id, &key) {
+                    Ok(outcome) => {
+                        if record(published, id, &key, outcome) {
+                            done.push((id, key));
+                            break;
+                        }
+                    }
+                    Err(problem) => {
+                        errors.push(Error::Store { key, id, problem });
+                        break;
+                    }
+                },
+            }
+        }
+    }
+    (done, errors)
+}
+
+/// The keys of `wanted` without a published identity that can be
+/// published; the others are reported in `errors`.
+pub fn missing(
+    published: &BTreeMap<Identity, IdentityKey>,
+    wanted: &BTreeSet<IdentityKey>,
+    errors: &mut Vec<Error>,
+) -> Vec<IdentityKey> {
+    let resolved = Published::resolve(published);
+    let mut out = Vec::new();
+    for key in wanted {
+        if resolved.by_key.contains_key(key) {
+            continue;
+        }
+        // An object the readers would refuse must never be written: it
+        // would occupy a number without publishing anything.
+        match crate::cluster::identity::check_key(key) {
+            Ok(()) => out.push(key.clone()),
+            Err(problem) => errors.push(Error::Unpublishable {
+                key: key.clone(),
+                problem: problem.to_string(),
+            }),
+        }
     }
     out
+}
+
+/// One step of an allocation (see [`allocate_missing`]; async stores drive
+/// the same steps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// The view already holds this number for the key.
+    Have(Identity),
+    /// Create-if-absent this number, then pass the outcome to [`record`].
+    Create(Identity),
+    Exhausted(Error),
+}
+
+/// The next candidate for `key` from `*attempt` on, skipping numbers the
+/// view holds for other label sets; advances `*attempt` past it.
+pub fn next_candidate(
+    published: &BTreeMap<Identity, IdentityKey>,
+    key: &IdentityKey,
+    attempt: &mut u32,
+) -> Next {
+    while *attempt < MAX_PROBES {
+        let id = candidate(key, *attempt);
+        *attempt += 1;
+        match published.get(&id) {
+            Some(k) if k == key => return Next::Have(id),
+            Some(_) => continue,
+            None => return Next::Create(id),
+        }
+    }
+    Next::Exhausted(Error::Exhausted {
+        key: key.clone(),
+        tries: MAX_PROBES,
+    })
+}
+
+/// Records what a create of `id` for `key` found; returns whether `key`
+/// now has `id` (created, or created by someone else for the same labels).
+pub fn record(
+    published: &mut BTreeMap<Identity, IdentityKey>,
+    id: Identity,
+    key: &IdentityKey,
+    outcome: Created,
+) -> bool {
+    match outcome {
+        Created::Created => {}
+        Created::Exists(Some(existing)) if existing == *key => {}
+        Created::Exists(Some(other)) => {
+            published.insert(id, other);
+            return false;
+        }
+        Created::Exists(None) => return false,
+    }
+    published.insert(id, key.clone());
+    true
+}
+
+/// Published identities nobody needs: their label set has no pod, or they
+/// lost to a lower number for the same label set.
+pub fn unused(
+    published: &BTreeMap<Identity, IdentityKey>,
+    wanted: &BTreeSet<IdentityKey>,
+) -> BTreeSet<Identity> {
+    let resolved = Published::resolve(published);
+    published
+        .iter()
+        .filter(|(id, key)| !wanted.contains(*key) || resolved.duplicates.contains_key(*id))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Garbage collection by whoever notices: an identity is deleted once it has
+/// been unused for [`GC_GRACE`] without a break, as this agent saw it. A pod
+/// that comes back with those labels in the meantime resets the clock; one
+/// that comes back just after the delete gets the number again on the next
+/// pass (same candidate sequence), or another if the number was taken.
+#[derive(Debug, Clone, Default)]
+pub struct Collector {
+    unused_since: BTreeMap<Identity, std::time::Instant>,
+}
+
+impl Collector {
+    /// Updates the clocks with the currently `unused` set and returns the
+    /// identities unused for at least `grace` at `now`.
+    pub fn due(
+        &mut self,
+        unused: &BTreeSet<Identity>,
+        now: std::time::Instant,
+        grace: std::time::Duration,
+    ) -> Vec<Identity> {
+        self.unused_since.retain(|id, _| unused.contains(id));
+        for id in unused {
+            self.unused_since.entry(*id).or_insert(now);
+        }
+        self.unused_since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= grace)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Forgets `id` (deleted, or gone by itself).
+    pub fn forget(&mut self, id: Identity) {
+        self.unused_since.remove(&id);
+    }
 }
 
 #[cfg(test)]
@@ -265,38 +566,196 @@ mod tests {
         }
     }
 
-    #[test]
-    fn allocation_resolves_collisions_deterministically() {
-        // Find two label sets whose hashes collide (a birthday search over
-        // ~16.7 M values: a few thousand candidates suffice).
-        let mut seen: BTreeMap<Identity, BTreeMap<String, String>> = BTreeMap::new();
-        let (a, b) = (0..200_000)
+    fn key(ns: &str, pairs: &[(&str, &str)]) -> IdentityKey {
+        IdentityKey {
+            namespace: ns.into(),
+            labels: labels(pairs),
+        }
+    }
+
+    /// Two label sets whose hashes collide (a birthday search over ~16.7 M values).
+    fn colliding() -> (IdentityKey, IdentityKey) {
+        let mut seen: BTreeMap<Identity, IdentityKey> = BTreeMap::new();
+        (0..200_000)
             .find_map(|i| {
-                let l = labels(&[("app", &format!("a{i}"))]);
-                let id = identity_for("default", &l);
-                seen.insert(id, l.clone()).map(|prev| (prev, l))
+                let k = key("default", &[("app", &format!("a{i}"))]);
+                let id = candidate(&k, 0);
+                seen.insert(id, k.clone()).map(|prev| (prev, k))
             })
-            .expect("a collision within 200k label sets");
-        let other = labels(&[("app", "other")]);
-        let keys = [("default", &b), ("default", &other), ("default", &a)];
-        let alloc = allocate(keys);
-        let ida = alloc[&("default".to_string(), a.clone())];
-        let idb = alloc[&("default".to_string(), b.clone())];
-        assert_ne!(ida, idb);
-        // The key that sorts first keeps its hash.
-        let (first, second) = if a < b { (ida, idb) } else { (idb, ida) };
-        assert_eq!(first, identity_for("default", &a));
-        assert_eq!(second.0, first.0 + 1);
-        // Input order does not matter; keys without collision keep their hash.
-        let rev = allocate([("default", &a), ("default", &other), ("default", &b)]);
-        assert_eq!(rev, alloc);
-        assert_eq!(
-            alloc[&("default".to_string(), other.clone())],
-            identity_for("default", &other)
+            .expect("a collision within 200k label sets")
+    }
+
+    #[test]
+    fn first_candidate_is_the_hash_then_probing_wraps() {
+        let k = key("default", &[("app", "web")]);
+        assert_eq!(candidate(&k, 0), identity_for("default", &k.labels));
+        assert_eq!(candidate(&k, 1).0, candidate(&k, 0).0 + 1);
+        // The sequence stays in the allocated range, wrapping at the top.
+        let span = Identity::FIRST_LOCAL - Identity::FIRST_ALLOCATED;
+        let to_top = Identity::FIRST_LOCAL - candidate(&k, 0).0;
+        assert_eq!(candidate(&k, to_top), Identity(Identity::FIRST_ALLOCATED));
+        assert_eq!(candidate(&k, span), candidate(&k, 0));
+    }
+
+    #[test]
+    fn allocation_publishes_once_and_then_reads_back() {
+        let mut store = MemoryStore::default();
+        let mut view = BTreeMap::new();
+        let web = key("prod", &[("app", "web")]);
+        let db = key("prod", &[("app", "db")]);
+        let wanted: BTreeSet<_> = [web.clone(), db.clone()].into();
+        let (done, errors) = allocate_missing(&mut view, &wanted, &mut store);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(done.len(), 2);
+        assert_eq!(view, store.0);
+        let p = Published::resolve(&view);
+        assert_eq!(p.get("prod", &web.labels), Some(candidate(&web, 0)));
+        assert_eq!(p.of("prod", &labels(&[("app", "x")])), Identity::INIT);
+        // Nothing missing: no store access at all.
+        struct Refuse;
+        impl IdentityStore for Refuse {
+            fn create(&mut self, id: Identity, _: &IdentityKey) -> Result<Created, String> {
+                panic!("unexpected create of {id}");
+            }
+        }
+        let (done, errors) = allocate_missing(&mut view, &wanted, &mut Refuse);
+        assert!(done.is_empty() && errors.is_empty());
+    }
+
+    #[test]
+    fn racing_agents_converge_on_one_number() {
+        // Agent A publishes; agent B, whose view has not caught up, tries the
+        // same number, finds A's object with the same labels and adopts it.
+        let mut store = MemoryStore::default();
+        let web = key("prod", &[("app", "web")]);
+        let wanted: BTreeSet<_> = [web.clone()].into();
+        let (a, _) = allocate_missing(&mut BTreeMap::new(), &wanted, &mut store);
+        let mut stale = BTreeMap::new();
+        let (b, errors) = allocate_missing(&mut stale, &wanted, &mut store);
+        assert!(errors.is_empty());
+        assert_eq!(a, b);
+        assert_eq!(store.0.len(), 1, "one object, not two");
+    }
+
+    #[test]
+    fn a_collision_with_another_label_set_probes_the_next_number() {
+        let (first, second) = colliding();
+        let h = candidate(&first, 0);
+        let mut store = MemoryStore::default();
+        // Agent A allocated `first` (at its hash); agent B does not know yet.
+        allocate_missing(&mut BTreeMap::new(), &[first.clone()].into(), &mut store);
+        let mut view = BTreeMap::new();
+        let (done, errors) = allocate_missing(&mut view, &[second.clone()].into(), &mut store);
+        assert!(errors.is_empty());
+        assert_eq!(done, vec![(Identity(h.0 + 1), second.clone())]);
+        // B learned A's object on the way.
+        assert_eq!(view.get(&h), Some(&first));
+        // An agent that already sees both allocates nothing, and a third one
+        // racing from scratch lands on the same numbers.
+        let mut fresh = BTreeMap::new();
+        let (mut c, _) = allocate_missing(
+            &mut fresh,
+            &[first.clone(), second.clone()].into(),
+            &mut store,
         );
-        // Alone, the second key gets its hash back.
-        let alone = allocate([("default", if a < b { &b } else { &a })]);
-        assert_eq!(alone.values().next(), Some(&identity_for("default", &a)));
+        c.sort();
+        assert_eq!(c, vec![(h, first), (Identity(h.0 + 1), second)]);
+        assert_eq!(store.0.len(), 2);
+    }
+
+    #[test]
+    fn malformed_or_exhausted_candidates_are_skipped_not_overwritten() {
+        struct Broken(u32);
+        impl IdentityStore for Broken {
+            fn create(&mut self, _: Identity, _: &IdentityKey) -> Result<Created, String> {
+                // The first `n` numbers hold malformed objects.
+                if self.0 == 0 {
+                    return Ok(Created::Created);
+                }
+                self.0 -= 1;
+                Ok(Created::Exists(None))
+            }
+        }
+        let web = key("prod", &[("app", "web")]);
+        let wanted: BTreeSet<_> = [web.clone()].into();
+        let (done, errors) = allocate_missing(&mut BTreeMap::new(), &wanted, &mut Broken(2));
+        assert!(errors.is_empty());
+        assert_eq!(done, vec![(candidate(&web, 2), web.clone())]);
+        let (done, errors) =
+            allocate_missing(&mut BTreeMap::new(), &wanted, &mut Broken(MAX_PROBES));
+        assert!(done.is_empty());
+        assert_eq!(
+            errors,
+            vec![Error::Exhausted {
+                key: web.clone(),
+                tries: MAX_PROBES
+            }]
+        );
+        assert!(
+            errors[0].to_string().contains("namespace prod"),
+            "{}",
+            errors[0]
+        );
+
+        struct Down;
+        impl IdentityStore for Down {
+            fn create(&mut self, _: Identity, _: &IdentityKey) -> Result<Created, String> {
+                Err("permission denied".into())
+            }
+        }
+        let (done, errors) = allocate_missing(&mut BTreeMap::new(), &wanted, &mut Down);
+        assert!(done.is_empty());
+        assert!(matches!(&errors[..], [Error::Store { id, .. }] if *id == candidate(&web, 0)));
+        assert!(errors[0].to_string().contains("permission denied"));
+
+        // A label set readers would refuse is never written (it would only
+        // occupy a number): reported, and the store is not touched.
+        let bad: BTreeSet<_> = [key("Not_A_Namespace", &[("app", "web")])].into();
+        let (done, errors) = allocate_missing(&mut BTreeMap::new(), &bad, &mut Down);
+        assert!(done.is_empty());
+        assert!(
+            matches!(&errors[..], [Error::Unpublishable { .. }]),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn duplicates_resolve_to_the_lowest_number_and_become_unused() {
+        let web = key("prod", &[("app", "web")]);
+        let db = key("prod", &[("app", "db")]);
+        let published: BTreeMap<Identity, IdentityKey> = [
+            (Identity(900), web.clone()),
+            (Identity(300), web.clone()),
+            (Identity(500), db.clone()),
+        ]
+        .into();
+        let p = Published::resolve(&published);
+        assert_eq!(p.get("prod", &web.labels), Some(Identity(300)));
+        assert_eq!(p.duplicates, [(Identity(900), Identity(300))].into());
+        // Only web has pods: db is unused, and so is web's losing duplicate.
+        let unused = unused(&published, &[web.clone()].into());
+        assert_eq!(unused, [Identity(500), Identity(900)].into());
+    }
+
+    #[test]
+    fn collector_deletes_only_after_a_continuous_grace_period() {
+        use std::time::{Duration, Instant};
+        let grace = Duration::from_secs(600);
+        let t0 = Instant::now();
+        let mut c = Collector::default();
+        let a = Identity(300);
+        let set: BTreeSet<_> = [a].into();
+        assert!(c.due(&set, t0, grace).is_empty());
+        assert!(c.due(&set, t0 + Duration::from_secs(599), grace).is_empty());
+        // Used again for a moment: the clock starts over.
+        assert!(c
+            .due(&BTreeSet::new(), t0 + Duration::from_secs(599), grace)
+            .is_empty());
+        let t1 = t0 + Duration::from_secs(700);
+        assert!(c.due(&set, t1, grace).is_empty());
+        assert_eq!(c.due(&set, t1 + grace, grace), vec![a]);
+        c.forget(a);
+        assert!(c.due(&set, t1 + grace, grace).is_empty());
     }
 
     #[test]

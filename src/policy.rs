@@ -502,24 +502,82 @@ fn port(id: &PolicyRef, field: &str, p: &NetworkPolicyPort) -> Result<PortMatch,
 }
 
 /// The identities of the pods in `state` (host-network pods share their
-/// node's address and are not endpoints), as the reconciler numbers them.
+/// node's address and are not endpoints), as the reconciler numbers them:
+/// from the published `VeilIdentity` set. Label sets without a published
+/// identity are left out: their pods are `init` (see [`pending_of`]).
 pub fn identities_of(
     state: &crate::cluster::ClusterState,
 ) -> std::collections::BTreeMap<crate::identity::Identity, compile::IdentityKey> {
-    state
-        .pods
-        .values()
-        .filter(|p| !p.host_network)
-        .map(|p| {
-            (
-                crate::identity::identity_for(&p.namespace, &p.labels),
-                compile::IdentityKey {
-                    namespace: p.namespace.clone(),
-                    labels: p.labels.clone(),
-                },
-            )
+    let published = crate::identity::Published::resolve(&state.identities);
+    crate::identity::wanted(state)
+        .into_iter()
+        .filter_map(|key| {
+            published
+                .get(&key.namespace, &key.labels)
+                .map(|id| (id, key))
         })
         .collect()
+}
+
+/// The label sets of pods whose identity is not published yet (`init`).
+pub fn pending_of(
+    state: &crate::cluster::ClusterState,
+) -> std::collections::BTreeSet<compile::IdentityKey> {
+    let published = crate::identity::Published::resolve(&state.identities);
+    crate::identity::wanted(state)
+        .into_iter()
+        .filter(|key| published.get(&key.namespace, &key.labels).is_none())
+        .collect()
+}
+
+/// Fail closed for pods without a published identity: they all share
+/// `init`, so `init` is isolated in a direction if any policy would isolate
+/// one of them there, and then only its own node is allowed (no rule can
+/// name `init` as a subject). Pods no policy would isolate keep passing.
+pub fn add_init_policy(
+    compiled: &mut Compiled,
+    pending: &std::collections::BTreeSet<compile::IdentityKey>,
+    policies: &[Policy],
+) {
+    use crate::identity::Identity;
+    for d in Direction::BOTH {
+        let isolated = pending.iter().any(|k| {
+            policies.iter().any(|p| {
+                p.isolates[d as usize]
+                    && p.id.namespace == k.namespace
+                    && p.subject.matches(&k.labels)
+            })
+        });
+        if !isolated {
+            continue;
+        }
+        compiled.isolated.insert((Identity::INIT, d));
+        let all = ranges::Block { start: 0, len: 0 };
+        compiled.entries.insert(
+            compile::EntryKey {
+                subject: Identity::INIT,
+                peer: compile::PEER_ANY,
+                direction: d,
+                block: all,
+            },
+            compile::EntryValue {
+                verdict: compile::Verdict::Deny,
+                rule: compile::RuleId::DEFAULT_DENY,
+            },
+        );
+        compiled.entries.insert(
+            compile::EntryKey {
+                subject: Identity::INIT,
+                peer: Identity::HOST.0,
+                direction: d,
+                block: all,
+            },
+            compile::EntryValue {
+                verdict: compile::Verdict::Allow,
+                rule: compile::RuleId::HOST,
+            },
+        );
+    }
 }
 
 /// Compiles the policies of `state` (each already validated by its source;
@@ -533,11 +591,13 @@ pub fn compile_state(state: &crate::cluster::ClusterState) -> Compiled {
             .map(|(n, info)| (n.clone(), info.labels.clone()))
             .collect();
     let policies: Vec<Policy> = state.policies.values().cloned().collect();
-    compile(&PolicyInput {
+    let mut compiled = compile(&PolicyInput {
         identities: &identities,
         namespaces: &namespaces,
         policies: &policies,
-    })
+    });
+    add_init_policy(&mut compiled, &pending_of(state), &policies);
+    compiled
 }
 
 /// Parses `80/tcp`, `53/udp`, `9/sctp` or `80` (TCP).
@@ -583,8 +643,9 @@ pub fn trace_pods(
     };
     let (a, b) = (pod(from)?, pod(to)?);
     let compiled = compile_state(state);
-    let ida = crate::identity::identity_for(&a.namespace, &a.labels);
-    let idb = crate::identity::identity_for(&b.namespace, &b.labels);
+    let published = crate::identity::Published::resolve(&state.identities);
+    let ida = published.of(&a.namespace, &a.labels);
+    let idb = published.of(&b.namespace, &b.labels);
     let tunnel = state.config.encryption_enabled && a.node_name != b.node_name;
     let t = compile::trace(&compiled, ida, idb, proto, port, tunnel);
     let show = |d: &compile::Decision| -> String {

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::cluster::{Announcement, ClusterState, Diagnostic, PublicKey};
-use crate::identity::{identity_for, Identity};
+use crate::identity::{Identity, Published};
 
 /// One WireGuard peer: a remote node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -534,7 +534,15 @@ fn endpoints(
     diags: &mut Diags,
 ) {
     let mut owner_of_ip: BTreeMap<IpAddr, String> = BTreeMap::new();
-    let mut identities: BTreeMap<Identity, (&str, &BTreeMap<String, String>)> = BTreeMap::new();
+    // Identities come only from the published set: a pod whose label set
+    // has none yet is `init` (see `Identity::INIT`) until its agent publishes one.
+    let published = Published::resolve(&state.identities);
+    for (dup, winner) in &published.duplicates {
+        diags.push(
+            crate::cluster::identity::PublishedIdentity::object_ref(*dup),
+            format!("names the same label set as VeilIdentity/{}, which wins (lowest number); unused until garbage collected", winner.0),
+        );
+    }
     for ((namespace, name), pod) in &state.pods {
         let object = format!("Pod/{namespace}/{name}");
         if pod.host_network {
@@ -560,21 +568,7 @@ fn endpoints(
             );
             continue;
         }
-        let identity = identity_for(namespace, &pod.labels);
-        match identities.get(&identity) {
-            Some((ns, labels)) if (*ns, *labels) != (namespace.as_str(), &pod.labels) => {
-                diags.push(
-                    object.clone(),
-                    format!(
-                        "identity {identity} collides with the one of namespace {ns} labels {labels:?}; policy cannot tell these pods apart"
-                    ),
-                );
-            }
-            Some(_) => {}
-            None => {
-                identities.insert(identity, (namespace, &pod.labels));
-            }
-        }
+        let identity = published.of(namespace, &pod.labels);
         let local = pod_node == node;
         let cidrs: &[IpNet] = if local {
             &d.local_pod_cidrs
@@ -764,7 +758,17 @@ mod tests {
         add_pod(&mut s, "default", "pa", "a", "10.244.1.10", "web");
         add_pod(&mut s, "default", "pb", "b", "10.244.2.10", "web");
         add_pod(&mut s, "prod", "pc", "c", "10.244.3.10", "db");
+        publish_identities(&mut s);
         s
+    }
+
+    /// What the agents do before reconciling: publish an identity for every
+    /// label set that has none.
+    fn publish_identities(s: &mut ClusterState) {
+        let wanted = crate::identity::wanted(s);
+        let mut store = crate::identity::MemoryStore(s.identities.clone());
+        let (_, errors) = crate::identity::allocate_missing(&mut s.identities, &wanted, &mut store);
+        assert!(errors.is_empty(), "{errors:?}");
     }
 
     fn only_problems(out: &Outcome) -> Vec<String> {
@@ -875,6 +879,7 @@ mod tests {
         // Built in a different insertion order: same result.
         let mut t = ClusterState {
             config: s.config.clone(),
+            identities: s.identities.clone(),
             ..ClusterState::default()
         };
         for (k, v) in s.nodes.iter().rev() {
@@ -1419,31 +1424,76 @@ mod tests {
     }
 
     #[test]
-    fn identity_collisions_are_diagnosed() {
+    fn identities_come_from_the_published_set_only() {
+        let mut s = three_nodes();
+        // A label set nobody published yet: `init` on every node, never a local hash.
+        add_pod(&mut s, "default", "new", "b", "10.244.2.11", "fresh");
+        let on_a = desired(&s, "a");
+        assert!(
+            only_problems(&on_a).is_empty(),
+            "{:?}",
+            only_problems(&on_a)
+        );
+        assert_eq!(on_a.desired.ipcache[&ip("10.244.2.11")], Identity::INIT);
+        let on_b = desired(&s, "b").desired;
+        assert_eq!(
+            on_b.local_endpoints[&ip("10.244.2.11")].identity,
+            Identity::INIT
+        );
+        // Published under any number (not its hash): that number, everywhere.
+        let key = crate::identity::IdentityKey {
+            namespace: "default".into(),
+            labels: [("app".to_string(), "fresh".to_string())].into(),
+        };
+        s.identities.insert(Identity(777), key.clone());
+        assert_eq!(
+            desired(&s, "a").desired.ipcache[&ip("10.244.2.11")],
+            Identity(777)
+        );
+        assert_eq!(
+            desired(&s, "b").desired.local_endpoints[&ip("10.244.2.11")].identity,
+            Identity(777)
+        );
+        // A second object for the same label set: the lowest number wins on
+        // every node, and the loser is reported.
+        s.identities.insert(Identity(700), key);
+        let out = desired(&s, "a");
+        assert_eq!(out.desired.ipcache[&ip("10.244.2.11")], Identity(700));
+        assert_eq!(
+            only_problems(&out),
+            vec!["VeilIdentity/777: names the same label set as VeilIdentity/700, which wins (lowest number); unused until garbage collected".to_string()]
+        );
+    }
+
+    #[test]
+    fn colliding_hashes_get_distinct_published_identities() {
         // ~16.7M values: 20000 label sets give ~12 expected collisions (birthday
         // bound); the inputs are fixed, so which pair collides is deterministic.
         let mut seen = BTreeMap::new();
         let (first, second) = (0..20_000)
             .find_map(|i| {
                 let app = format!("app{i}");
-                let id = identity_for("default", &[("app".to_string(), app.clone())].into());
+                let id = crate::identity::identity_for(
+                    "default",
+                    &[("app".to_string(), app.clone())].into(),
+                );
                 seen.insert(id, app.clone()).map(|earlier| (earlier, app))
             })
             .expect("no collision among 20000 label sets");
         let mut s = three_nodes();
         add_pod(&mut s, "default", "x1", "b", "10.244.2.11", &first);
         add_pod(&mut s, "default", "x2", "b", "10.244.2.12", &second);
+        publish_identities(&mut s);
         let out = desired(&s, "a");
-        let problems = only_problems(&out);
-        assert_eq!(problems.len(), 1, "{problems:#?}");
-        assert!(
-            problems[0].starts_with("Pod/default/x2: identity"),
-            "{problems:#?}"
-        );
-        assert!(problems[0].contains("collides"), "{problems:#?}");
-        // Both pods are still reachable; only policy precision suffers.
+        assert!(only_problems(&out).is_empty(), "{:?}", only_problems(&out));
         let ipcache = &out.desired.ipcache;
-        let pods = ipcache.values().filter(|i| **i != Identity::REMOTE_NODE);
-        assert_eq!(pods.count(), 4);
+        assert_ne!(ipcache[&ip("10.244.2.11")], ipcache[&ip("10.244.2.12")]);
+        assert_eq!(
+            ipcache[&ip("10.244.2.12")]
+                .0
+                .abs_diff(ipcache[&ip("10.244.2.11")].0),
+            1,
+            "the later one probed the next number"
+        );
     }
 }

@@ -13,7 +13,20 @@
  * lookup until the entry has been idle for its timeout. A new connection in
  * the other direction has a different tuple (the initiator's ephemeral port)
  * and is judged on its own. Entries live in an LRU hash, so a full table
- * evicts the oldest flows instead of failing. */
+ * evicts the oldest flows instead of failing.
+ *
+ * ICMP echo is tracked by its identifier, as Cilium's conntrack does: an
+ * echo request is judged and recorded under (requester, responder, id); an
+ * echo reply passes only if it answers such a record (reverse tuple, same
+ * id), and is otherwise judged as a new packet and never recorded, so an
+ * unsolicited reply, or a reply to somebody else's ping, is not let in by an
+ * unrelated allowed ping. Echo keys carry CT_KIND_ECHO so they never meet the
+ * port-less keys of other ICMP messages.
+ *
+ * TCP FIN or RST seen on a tracked flow (either way) marks it closing: its
+ * idle timeout drops from one hour to CT_TIMEOUT_CLOSE_NS (Cilium's
+ * close timeout), enough for the rest of the teardown, and a SYN without ACK
+ * on a closing tuple is a new connection, judged again. */
 #ifndef VEIL_POLICY_H
 #define VEIL_POLICY_H
 
@@ -31,10 +44,35 @@
 #define VERDICT_ALLOW_ENCRYPTED 2
 
 /* Idle timeouts, as Cilium's defaults for established TCP are far longer
- * than needed here: TCP without FIN/RST tracking gets one hour, everything
- * else one minute (a UDP "connection" is its request/response exchange). */
+ * than needed here: open TCP gets one hour, everything else one minute (a
+ * UDP "connection" is its request/response exchange). */
 #define CT_TIMEOUT_TCP_NS (3600ULL * 1000000000ULL)
 #define CT_TIMEOUT_OTHER_NS (60ULL * 1000000000ULL)
+/* After FIN or RST: the rest of the teardown (FIN-ACK, last ACK) still
+ * passes; Cilium uses the same 10 s (CT_CLOSE_TIMEOUT). */
+#define CT_TIMEOUT_CLOSE_NS (10ULL * 1000000000ULL)
+
+/* ct_key.kind */
+#define CT_KIND_PORTS 0
+#define CT_KIND_ECHO 1
+/* ct_value.flags */
+#define CT_F_CLOSING 1
+
+/* TCP header byte 13 (RFC 9293 section 3.1). */
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+/* ICMP (RFC 792) and ICMPv6 (RFC 4443) echo types. */
+#define ICMP_ECHO_REPLY_V4 0
+#define ICMP_ECHO_REQUEST_V4 8
+#define ICMP_ECHO_REQUEST_V6 128
+#define ICMP_ECHO_REPLY_V6 129
+
+#define ECHO_NONE 0
+#define ECHO_REQUEST 1
+#define ECHO_REPLY 2
 
 /* Big-endian fields: the LPM trie matches key bytes in order, so the
  * (protocol, port) point must be stored most significant byte first. */
@@ -59,11 +97,23 @@ struct ct_key {
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
-	__u8 pad[3];
+	__u8 kind; /* CT_KIND_* */
+	__u8 pad[2];
 };
 
 struct ct_value {
 	__u64 last_seen_ns;
+	__u32 flags; /* CT_F_* */
+	__u32 pad;
+};
+
+/* What conntrack needs from the L4 header. For an echo request ports[0] is
+ * the identifier; for an echo reply ports[1] is, so that the reverse tuple
+ * of a reply is the key of the request it answers. */
+struct l4_info {
+	__be16 ports[2];
+	__u8 echo;      /* ECHO_* */
+	__u8 tcp_flags; /* 0 unless TCP */
 };
 
 /* Drops by identity pair and reason (the subject of the failed check is
@@ -124,19 +174,41 @@ static __always_inline __u32 addr_identity(const struct addr16 *a)
 }
 
 /* Source and destination ports (network order) of TCP/UDP/SCTP, all of
- * which start with them (RFC 9293, RFC 768, RFC 9260); 0 for other
- * protocols and non-first fragments. Returns 0 or DROP_INVALID. */
-static __always_inline int l4_ports(struct __sk_buff *skb, const struct l3_info *l3,
-				    __be16 ports[2])
+ * which start with them (RFC 9293, RFC 768, RFC 9260), the TCP flags, and
+ * the identifier of ICMP/ICMPv6 echo messages (type, code, checksum, then
+ * identifier); zeros for other protocols and non-first fragments. Returns 0
+ * or DROP_INVALID. */
+static __always_inline int l4_parse(struct __sk_buff *skb, const struct l3_info *l3,
+				    struct l4_info *l4)
 {
-	ports[0] = 0;
-	ports[1] = 0;
+	__u8 icmp[6];
+
+	l4->ports[0] = 0;
+	l4->ports[1] = 0;
+	l4->echo = ECHO_NONE;
+	l4->tcp_flags = 0;
 	if (!l3->has_l4)
 		return 0;
+	if ((!l3->is_v6 && l3->nexthdr == IPPROTO_ICMP) ||
+	    (l3->is_v6 && l3->nexthdr == IPPROTO_ICMPV6)) {
+		if (bpf_skb_load_bytes(skb, l3->l4_off, icmp, sizeof(icmp)) < 0)
+			return DROP_INVALID;
+		if (icmp[0] == (l3->is_v6 ? ICMP_ECHO_REQUEST_V6 : ICMP_ECHO_REQUEST_V4)) {
+			l4->echo = ECHO_REQUEST;
+			__builtin_memcpy(&l4->ports[0], &icmp[4], 2);
+		} else if (icmp[0] == (l3->is_v6 ? ICMP_ECHO_REPLY_V6 : ICMP_ECHO_REPLY_V4)) {
+			l4->echo = ECHO_REPLY;
+			__builtin_memcpy(&l4->ports[1], &icmp[4], 2);
+		}
+		return 0;
+	}
 	if (l3->nexthdr != IPPROTO_TCP && l3->nexthdr != IPPROTO_UDP &&
 	    l3->nexthdr != IPPROTO_SCTP)
 		return 0;
-	if (bpf_skb_load_bytes(skb, l3->l4_off, ports, 4) < 0)
+	if (bpf_skb_load_bytes(skb, l3->l4_off, l4->ports, 4) < 0)
+		return DROP_INVALID;
+	if (l3->nexthdr == IPPROTO_TCP &&
+	    bpf_skb_load_bytes(skb, l3->l4_off + 13, &l4->tcp_flags, 1) < 0)
 		return DROP_INVALID;
 	return 0;
 }
@@ -186,13 +258,24 @@ static __always_inline void policy_count_drop(__u32 src, __u32 dst, __u32 dir, i
 		bpf_map_update_elem(&veil_policy_drops, &k, &one, BPF_NOEXIST);
 }
 
-static __always_inline int ct_fresh(struct ct_value *v, __u8 proto, __u64 now)
+/* Whether a tracked entry still admits this packet; refreshes it if so.
+ * Racing CPUs write similar times and only ever set the closing flag, so
+ * the plain read-modify-writes are harmless. */
+static __always_inline int ct_use(struct ct_value *v, __u8 proto, __u8 tcp_flags, __u64 now)
 {
 	__u64 timeout = proto == IPPROTO_TCP ? CT_TIMEOUT_TCP_NS : CT_TIMEOUT_OTHER_NS;
 
+	if (v->flags & CT_F_CLOSING) {
+		timeout = CT_TIMEOUT_CLOSE_NS;
+		/* The tuple is being reused by a new connection: judge it. */
+		if ((tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+			return 0;
+	}
 	if (now - v->last_seen_ns > timeout)
 		return 0;
-	v->last_seen_ns = now; /* racing CPUs write similar times: harmless */
+	if (tcp_flags & (TCPF_FIN | TCPF_RST))
+		v->flags |= CT_F_CLOSING;
+	v->last_seen_ns = now;
 	return 1;
 }
 
@@ -206,48 +289,61 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct l3
 {
 	struct ct_value *ct, fresh = {};
 	struct ct_key key = {};
-	__be16 ports[2];
+	struct l4_info l4;
+	__be16 port;
 	__u64 now;
 	int ret;
 
-	ret = l4_ports(skb, l3, ports);
+	ret = l4_parse(skb, l3, &l4);
 	if (ret < 0)
 		return ret;
 	now = bpf_ktime_get_ns();
-
-	/* Reply of a tracked flow? */
-	key.saddr = l3->daddr;
-	key.daddr = l3->saddr;
-	key.sport = ports[1];
-	key.dport = ports[0];
 	key.proto = l3->nexthdr;
-	ct = bpf_map_lookup_elem(&veil_ct, &key);
-	if (ct && ct_fresh(ct, key.proto, now))
-		return 0;
-	/* A later packet of a flow already admitted? */
+	key.kind = l4.echo != ECHO_NONE ? CT_KIND_ECHO : CT_KIND_PORTS;
+
+	/* Reply of a tracked flow? An echo request never is one. */
+	if (l4.echo != ECHO_REQUEST) {
+		key.saddr = l3->daddr;
+		key.daddr = l3->saddr;
+		key.sport = l4.ports[1];
+		key.dport = l4.ports[0];
+		ct = bpf_map_lookup_elem(&veil_ct, &key);
+		if (ct && ct_use(ct, key.proto, l4.tcp_flags, now))
+			return 0;
+	}
+	/* A later packet of a flow already admitted? Echo replies are only
+	 * ever answers, never recorded flows of their own. */
 	key.saddr = l3->saddr;
 	key.daddr = l3->daddr;
-	key.sport = ports[0];
-	key.dport = ports[1];
-	ct = bpf_map_lookup_elem(&veil_ct, &key);
-	if (ct && ct_fresh(ct, key.proto, now))
-		return 0;
+	key.sport = l4.ports[0];
+	key.dport = l4.ports[1];
+	if (l4.echo != ECHO_REPLY) {
+		ct = bpf_map_lookup_elem(&veil_ct, &key);
+		if (ct && ct_use(ct, key.proto, l4.tcp_flags, now))
+			return 0;
+	}
 
+	/* Policy has no ICMP ports: the echo identifier is not one. */
+	port = l4.echo != ECHO_NONE ? 0 : l4.ports[1];
 	if (egress) {
-		ret = policy_check(src, dst, DIR_EGRESS, l3->nexthdr, ports[1], encrypted);
+		ret = policy_check(src, dst, DIR_EGRESS, l3->nexthdr, port, encrypted);
 		if (ret < 0) {
 			policy_count_drop(src, dst, DIR_EGRESS, ret);
 			return ret;
 		}
 	}
 	if (ingress) {
-		ret = policy_check(dst, src, DIR_INGRESS, l3->nexthdr, ports[1], encrypted);
+		ret = policy_check(dst, src, DIR_INGRESS, l3->nexthdr, port, encrypted);
 		if (ret < 0) {
 			policy_count_drop(src, dst, DIR_INGRESS, ret);
 			return ret;
 		}
 	}
+	if (l4.echo == ECHO_REPLY)
+		return 0;
 	fresh.last_seen_ns = now;
+	if (l4.tcp_flags & (TCPF_FIN | TCPF_RST))
+		fresh.flags = CT_F_CLOSING;
 	/* Best effort: if the insert fails the next packet is judged again. */
 	bpf_map_update_elem(&veil_ct, &key, &fresh, BPF_ANY);
 	return 0;

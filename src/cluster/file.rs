@@ -184,6 +184,76 @@ impl FileSource {
             .map_err(|source| io_err(&dir, "fsync directory", source))
     }
 
+    /// Publishes `VeilIdentity/<id>` for `key` unless that number exists:
+    /// the file source's create-if-absent. The object is written completely
+    /// to a hidden temporary file first, then hard-linked to
+    /// `DIR/identities/<id>.yaml`; link(2) fails with `EEXIST` if the name
+    /// exists, atomically, so of two agents racing for a number exactly one
+    /// wins and no reader ever sees a partial file (rename(2) would silently
+    /// replace the other agent's object).
+    pub fn create_identity(
+        &self,
+        id: crate::identity::Identity,
+        key: &crate::identity::IdentityKey,
+    ) -> Result<crate::identity::Created, Error> {
+        use super::identity::{VeilIdentity, IDENTITY_DIR};
+        let dir = self.dir.join(IDENTITY_DIR);
+        fs::create_dir_all(&dir).map_err(|source| io_err(&dir, "create directory", source))?;
+        let path = dir.join(format!("{}.yaml", id.0));
+        if path.exists() {
+            return Ok(crate::identity::Created::Exists(read_identity(&path)));
+        }
+        let text = serde_yaml::to_string(&VeilIdentity::new(id, key)).map_err(|source| {
+            Error::Serialize {
+                node: format!("VeilIdentity/{}", id.0),
+                source,
+            }
+        })?;
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{}.yaml.tmp-{}-{}",
+            id.0,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let linked =
+            write_synced(&tmp, text.as_bytes()).and_then(|()| match fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(source) => Err(io_err(&path, "link", source)),
+            });
+        let _ = fs::remove_file(&tmp);
+        if !linked? {
+            return Ok(crate::identity::Created::Exists(read_identity(&path)));
+        }
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| io_err(&dir, "fsync directory", source))?;
+        Ok(crate::identity::Created::Created)
+    }
+
+    /// Deletes `VeilIdentity/<id>` (garbage collection) if the file still
+    /// holds `key`; returns whether it did. An object someone replaced by
+    /// hand with another label set is left alone.
+    pub fn delete_identity(
+        &self,
+        id: crate::identity::Identity,
+        key: &crate::identity::IdentityKey,
+    ) -> Result<bool, Error> {
+        let path = self
+            .dir
+            .join(super::identity::IDENTITY_DIR)
+            .join(format!("{}.yaml", id.0));
+        if read_identity(&path).as_ref() != Some(key) {
+            return Ok(false);
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(io_err(&path, "remove", source)),
+        }
+    }
+
     /// Blocking-free watch: returns a receiver that gets a `()` whenever something under
     /// DIR changed (recursive, debounced ~100 ms). Dropping the watcher ends the stream.
     /// Watch errors (e.g. an inotify queue overflow) are reported as a change, since
@@ -218,6 +288,17 @@ impl FileSource {
             .spawn(move || debounce(raw_rx, tx))
             .map_err(|source| io_err(&self.dir, "spawn watch thread", source))?;
         Ok((watcher, rx))
+    }
+}
+
+/// Agents allocate identities straight into the cluster dir.
+impl crate::identity::IdentityStore for FileSource {
+    fn create(
+        &mut self,
+        id: crate::identity::Identity,
+        key: &crate::identity::IdentityKey,
+    ) -> Result<crate::identity::Created, String> {
+        self.create_identity(id, key).map_err(|e| e.to_string())
     }
 }
 
@@ -519,6 +600,13 @@ impl Ctx<'_> {
                         .map(Object::Policy)
                         .map_err(|e| e.to_string())
                 }),
+            (VEIL_API_VERSION, super::identity::VeilIdentity::KIND) => self
+                .typed::<super::identity::VeilIdentity>(value, document)
+                .and_then(|v| {
+                    super::identity::PublishedIdentity::try_from(&v)
+                        .map(Object::Identity)
+                        .map_err(|e| e.to_string())
+                }),
             (_, VeilNode::KIND | VeilClusterConfig::KIND)
                 if api_version.starts_with("veil.dev/") =>
             {
@@ -581,6 +669,16 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, diags: &mut Vec<Diagnostic>) ->
         }
     }
     state
+}
+
+/// The label set of an identity file, or `None` if it is unreadable or
+/// malformed (such a number is skipped by allocation, never overwritten).
+fn read_identity(path: &Path) -> Option<crate::identity::IdentityKey> {
+    let text = read_file(path).ok()?;
+    let obj: super::identity::VeilIdentity = serde_yaml::from_str(&text).ok()?;
+    let published = super::identity::PublishedIdentity::try_from(&obj).ok()?;
+    let expected = path.file_stem().and_then(|s| s.to_str());
+    (expected == Some(published.id.0.to_string().as_str())).then_some(published.key)
 }
 
 fn write_synced(path: &Path, content: &[u8]) -> Result<(), Error> {

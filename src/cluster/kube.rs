@@ -81,6 +81,13 @@ pub enum Error {
         #[source]
         source: ::kube::Error,
     },
+    #[error("VeilIdentity/{id}: {op} failed: {source}")]
+    Identity {
+        id: u32,
+        op: &'static str,
+        #[source]
+        source: ::kube::Error,
+    },
     #[error("{object}: status patch failed: {source}")]
     Status {
         /// `Kind/name`.
@@ -153,15 +160,17 @@ enum Kind {
     Namespace,
     VeilNode,
     VeilClusterConfig,
+    VeilIdentity,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Node,
         Kind::Pod,
         Kind::Namespace,
         Kind::VeilNode,
         Kind::VeilClusterConfig,
+        Kind::VeilIdentity,
     ];
 
     fn name(self) -> &'static str {
@@ -171,6 +180,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::VeilNode => VeilNode::KIND,
             Kind::VeilClusterConfig => VeilClusterConfig::KIND,
+            Kind::VeilIdentity => super::identity::VeilIdentity::KIND,
         }
     }
 
@@ -375,6 +385,11 @@ pub fn veil_cluster_config_resource() -> ApiResource {
     veil_resource(VeilClusterConfig::KIND, "veilclusterconfigs")
 }
 
+/// `veil.dev/v1alpha1 VeilIdentity` (cluster-scoped, plural `veilidentities`).
+pub fn veil_identity_resource() -> ApiResource {
+    veil_resource(super::identity::VeilIdentity::KIND, "veilidentities")
+}
+
 /// Reads a dynamic object as one of the typed Veil structs. Goes through
 /// JSON: `DynamicObject` keeps unknown fields as JSON, exactly what the typed
 /// struct was designed to read.
@@ -406,6 +421,13 @@ fn convert_veil_node(obj: &DynamicObject) -> Result<Object, String> {
     let vn: VeilNode = typed(obj)?;
     Announcement::try_from(&vn)
         .map(|a| Object::Announcement(Box::new(a)))
+        .map_err(|e| e.to_string())
+}
+
+fn convert_veil_identity(obj: &DynamicObject) -> Result<Object, String> {
+    let v: super::identity::VeilIdentity = typed(obj)?;
+    super::identity::PublishedIdentity::try_from(&v)
+        .map(Object::Identity)
         .map_err(|e| e.to_string())
 }
 
@@ -503,6 +525,14 @@ impl KubeSource {
                 backoff,
                 &shared,
                 convert_cluster_config,
+            ),
+            spawn_watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &veil_identity_resource()),
+                Kind::VeilIdentity,
+                &wc,
+                backoff,
+                &shared,
+                convert_veil_identity,
             ),
         ];
         Self {
@@ -612,6 +642,151 @@ impl KubeSource {
         .await
         .map_err(|source| Error::Status { object, source })?;
         Ok(())
+    }
+}
+
+/// Identity allocation through the API server (see `crate::identity`).
+impl KubeSource {
+    /// Creates `VeilIdentity/<id>` for `key` unless it exists: a POST, which
+    /// the API server refuses with 409 AlreadyExists when the name is taken
+    /// (object names are unique, so this is the compare-and-swap). On 409 the
+    /// existing object is read back: the same label set means another agent
+    /// won the race for the same allocation.
+    pub async fn create_identity(
+        &self,
+        id: crate::identity::Identity,
+        key: &crate::identity::IdentityKey,
+    ) -> Result<crate::identity::Created, Error> {
+        let object = super::identity::VeilIdentity::new(id, key);
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &veil_identity_resource());
+        let body: DynamicObject = serde_json::to_value(&object)
+            .and_then(serde_json::from_value)
+            .map_err(|source| Error::Serialize {
+                object: super::identity::PublishedIdentity::object_ref(id),
+                what: "identity",
+                source,
+            })?;
+        match api.create(&::kube::api::PostParams::default(), &body).await {
+            Ok(_) => Ok(crate::identity::Created::Created),
+            Err(::kube::Error::Api(status)) if status.code == 409 => {
+                let existing = self.read_identity(&api, id).await?;
+                Ok(crate::identity::Created::Exists(
+                    existing.map(|(key, _)| key),
+                ))
+            }
+            Err(source) => Err(Error::Identity {
+                id: id.0,
+                op: "create",
+                source,
+            }),
+        }
+    }
+
+    /// The label set and (uid, resourceVersion) of `VeilIdentity/<id>`, or
+    /// `None` if it does not exist or is malformed.
+    async fn read_identity(
+        &self,
+        api: &Api<DynamicObject>,
+        id: crate::identity::Identity,
+    ) -> Result<Option<(crate::identity::IdentityKey, ::kube::api::Preconditions)>, Error> {
+        let obj = api
+            .get_opt(&id.0.to_string())
+            .await
+            .map_err(|source| Error::Identity {
+                id: id.0,
+                op: "get",
+                source,
+            })?;
+        Ok(obj.and_then(|o| {
+            let pre = ::kube::api::Preconditions {
+                uid: o.metadata.uid.clone(),
+                resource_version: o.metadata.resource_version.clone(),
+            };
+            match convert_veil_identity(&o) {
+                Ok(Object::Identity(p)) if p.id == id => Some((p.key, pre)),
+                _ => None,
+            }
+        }))
+    }
+
+    /// Publishes an identity for every key of `wanted` without one, like
+    /// `crate::identity::allocate_missing` over this API server.
+    pub async fn allocate_identities(
+        &self,
+        published: &mut BTreeMap<crate::identity::Identity, crate::identity::IdentityKey>,
+        wanted: &std::collections::BTreeSet<crate::identity::IdentityKey>,
+    ) -> (
+        Vec<(crate::identity::Identity, crate::identity::IdentityKey)>,
+        Vec<crate::identity::Error>,
+    ) {
+        use crate::identity::{next_candidate, record, Next};
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        for key in crate::identity::missing(published, wanted, &mut errors) {
+            let mut attempt = 0;
+            loop {
+                match next_candidate(published, &key, &mut attempt) {
+                    Next::Have(id) => {
+                        done.push((id, key));
+                        break;
+                    }
+                    Next::Exhausted(e) => {
+                        errors.push(e);
+                        break;
+                    }
+                    Next::Create(id) => match self.create_identity(id, &key).await {
+                        Ok(outcome) => {
+                            if record(published, id, &key, outcome) {
+                                done.push((id, key));
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            errors.push(crate::identity::Error::Store {
+                                key,
+                                id,
+                                problem: e.to_string(),
+                            });
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        (done, errors)
+    }
+
+    /// Garbage collection: deletes `VeilIdentity/<id>` if it still holds
+    /// `key`, with the uid and resourceVersion just read as preconditions,
+    /// so an object replaced or edited in between is never deleted (the API
+    /// server answers 409). Returns whether it deleted.
+    pub async fn delete_identity(
+        &self,
+        id: crate::identity::Identity,
+        key: &crate::identity::IdentityKey,
+    ) -> Result<bool, Error> {
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &veil_identity_resource());
+        let Some((current, pre)) = self.read_identity(&api, id).await? else {
+            return Ok(false);
+        };
+        if current != *key {
+            return Ok(false);
+        }
+        let params = ::kube::api::DeleteParams {
+            preconditions: Some(pre),
+            ..::kube::api::DeleteParams::default()
+        };
+        match api.delete(&id.0.to_string(), &params).await {
+            Ok(_) => Ok(true),
+            Err(::kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                Ok(false)
+            }
+            Err(source) => Err(Error::Identity {
+                id: id.0,
+                op: "delete",
+                source,
+            }),
+        }
     }
 }
 

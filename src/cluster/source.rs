@@ -22,6 +22,7 @@
 //! agent republishes while the watched object differs, so a lost write is
 //! repaired on a later pass.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use super::file::FileSource;
 use super::kube::{KubeSource, KubeSourceConfig};
 use super::objects::VeilNodeStatus;
 use super::{Announcement, ClusterState, Diagnostic, NodeKeyStatus};
+use crate::identity::{Identity, IdentityKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -184,6 +186,39 @@ impl Source {
             std::future::pending::<()>().await;
         }
         while changes.try_recv().is_ok() {}
+    }
+
+    /// Publishes an identity for every label set in `wanted` that has none
+    /// yet (create-if-absent, see `crate::identity`), updating `published`.
+    /// Only call on a synced source: an unsynced kube source does not know
+    /// the published set and would probe needlessly.
+    pub async fn allocate_identities(
+        &mut self,
+        published: &mut BTreeMap<Identity, IdentityKey>,
+        wanted: &BTreeSet<IdentityKey>,
+    ) -> (Vec<(Identity, IdentityKey)>, Vec<crate::identity::Error>) {
+        match self {
+            Source::File { source, .. } => {
+                crate::identity::allocate_missing(published, wanted, source)
+            }
+            Source::Kube { source, .. } => source.allocate_identities(published, wanted).await,
+        }
+    }
+
+    /// Deletes identity `id` if it still holds `key`; `Ok(false)` when it
+    /// changed or went away meanwhile (the next load shows what it holds).
+    pub async fn delete_identity(&self, id: Identity, key: &IdentityKey) -> Result<bool, Error> {
+        match self {
+            Source::File { source, .. } => {
+                source
+                    .delete_identity(id, key)
+                    .map_err(|e| Error::File {
+                        dir: source.dir().to_path_buf(),
+                        source: e,
+                    })
+            }
+            Source::Kube { source, .. } => Ok(source.delete_identity(id, key).await?),
+        }
     }
 
     /// Publishes this node's announcement. The file source writes it now;

@@ -521,11 +521,22 @@ apiVersion: v1\nkind: Pod\nmetadata: {name: db2, namespace: prod, labels: {app: 
     w("np.yaml", np);
     w("vp.yaml", "apiVersion: veil.dev/v1alpha1\nkind: VeilPolicy\nmetadata: {name: enc, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  requireEncryption: true\n  ingress: [{from: [{podSelector: {}}], ports: [{port: 6000}]}]\n");
     let mut src = FileSource::new(dir.path());
-    let (state, diags) = src.load();
+    let (mut state, diags) = src.load();
     assert!(
         diags.iter().all(|d| !d.object.contains("Policy")),
         "{diags:?}"
     );
+    // Until identities are published, every pod is `init`; publish them
+    // as the agents do (into the cluster dir), then read them back.
+    let web = crate::identity::Published::resolve(&state.identities).of("prod", &labels("app=web"));
+    assert_eq!(web, Identity::INIT);
+    let wanted = crate::identity::wanted(&state);
+    let (done, errors) =
+        crate::identity::allocate_missing(&mut state.identities, &wanted, &mut src);
+    assert!(errors.is_empty() && done.len() == 2, "{errors:?} {done:?}");
+    let (reread, _) = src.load();
+    assert_eq!(reread.identities, state.identities);
+    let state = reread;
     assert_eq!(
         state.policies.keys().collect::<Vec<_>>(),
         ["NetworkPolicy/prod/db", "VeilPolicy/prod/enc"]
@@ -572,5 +583,64 @@ apiVersion: v1\nkind: Pod\nmetadata: {name: db2, namespace: prod, labels: {app: 
         trace_pods(&state2, "prod/web", "prod/db", "5432/tcp")
             .unwrap()
             .0
+    );
+}
+
+/// Pods whose identity is not published are `init`: fail closed where a
+/// policy would isolate them, untouched where none would.
+#[test]
+fn unpublished_pods_are_init_and_fail_closed_when_isolated() {
+    use crate::cluster::{ClusterState, PodInfo};
+    let mut state = ClusterState::default();
+    for (name, app) in [("web", "web"), ("db", "db")] {
+        state.pods.insert(
+            ("prod".into(), name.into()),
+            PodInfo {
+                namespace: "prod".into(),
+                name: name.into(),
+                labels: labels(&format!("app={app}")),
+                node_name: Some("n1".into()),
+                pod_ip: None,
+                pod_ips: vec![],
+                host_network: false,
+            },
+        );
+    }
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_yaml::from_str(
+        "metadata: {name: db, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {}}]}]\n",
+    )
+    .unwrap();
+    let p = Policy::try_from(&np).unwrap();
+    state.policies.insert(p.id.to_string(), p);
+
+    // Nothing published: db would be isolated for ingress, so `init` is,
+    // with only its own node allowed; egress stays open (nobody isolates it).
+    let c = crate::policy::compile_state(&state);
+    assert!(c.isolated.contains(&(Identity::INIT, Direction::Ingress)));
+    assert!(!c.isolated.contains(&(Identity::INIT, Direction::Egress)));
+    let web_id = identity_for("prod", &labels("app=web"));
+    assert!(!ok(&c, web_id, Identity::INIT, PROTO_TCP, 80));
+    assert!(ok(&c, Identity::HOST, Identity::INIT, PROTO_TCP, 80));
+    assert!(ok(&c, Identity::INIT, web_id, PROTO_TCP, 80));
+
+    // Published (db only): db gets its real policy, web is still `init`
+    // and, as a peer, no label selector matches it.
+    let mut store = crate::identity::MemoryStore::default();
+    let db_key = crate::identity::IdentityKey {
+        namespace: "prod".into(),
+        labels: labels("app=db"),
+    };
+    crate::identity::allocate_missing(&mut state.identities, &[db_key].into(), &mut store);
+    let c = crate::policy::compile_state(&state);
+    let db_id =
+        crate::identity::Published::resolve(&state.identities).of("prod", &labels("app=db"));
+    assert_ne!(db_id, Identity::INIT);
+    assert!(
+        !c.isolated.contains(&(Identity::INIT, Direction::Ingress)),
+        "web is not isolated"
+    );
+    assert!(
+        !ok(&c, Identity::INIT, db_id, PROTO_TCP, 80),
+        "init matches no podSelector"
     );
 }

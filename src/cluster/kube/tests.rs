@@ -44,15 +44,17 @@ enum Res {
     Namespaces,
     VeilNodes,
     VeilClusterConfigs,
+    VeilIdentities,
 }
 
 impl Res {
-    const ALL: [Res; 5] = [
+    const ALL: [Res; 6] = [
         Res::Nodes,
         Res::Pods,
         Res::Namespaces,
         Res::VeilNodes,
         Res::VeilClusterConfigs,
+        Res::VeilIdentities,
     ];
 
     fn path(self) -> &'static str {
@@ -62,13 +64,14 @@ impl Res {
             Res::Namespaces => "/api/v1/namespaces",
             Res::VeilNodes => "/apis/veil.dev/v1alpha1/veilnodes",
             Res::VeilClusterConfigs => "/apis/veil.dev/v1alpha1/veilclusterconfigs",
+            Res::VeilIdentities => "/apis/veil.dev/v1alpha1/veilidentities",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Res::Nodes | Res::Pods | Res::Namespaces => "v1",
-            Res::VeilNodes | Res::VeilClusterConfigs => "veil.dev/v1alpha1",
+            Res::VeilNodes | Res::VeilClusterConfigs | Res::VeilIdentities => "veil.dev/v1alpha1",
         }
     }
 
@@ -79,6 +82,7 @@ impl Res {
             Res::Namespaces => "Namespace",
             Res::VeilNodes => "VeilNode",
             Res::VeilClusterConfigs => "VeilClusterConfig",
+            Res::VeilIdentities => "VeilIdentity",
         }
     }
 
@@ -86,6 +90,7 @@ impl Res {
     fn sample_name(self) -> &'static str {
         match self {
             Res::VeilClusterConfigs => "default",
+            Res::VeilIdentities => "300",
             Res::Pods => "web",
             _ => "n1",
         }
@@ -135,6 +140,10 @@ impl Res {
                 "metadata": meta(json!({})),
                 "spec": {"encryption": {"enabled": true}, "clusterPodCIDRs": [format!("10.{v}.0.0/16")]},
             }),
+            Res::VeilIdentities => json!({
+                "metadata": meta(json!({})),
+                "spec": {"namespace": "prod", "labels": {"version": v.to_string()}},
+            }),
         };
         self.typed(body)
     }
@@ -152,6 +161,7 @@ impl Res {
             Res::Namespaces => ("metadata", json!({"resourceVersion": rv.to_string()})),
             Res::VeilNodes => ("spec", json!({"publicKey": "c2hvcnQ="})),
             Res::VeilClusterConfigs => ("spec", json!({"clusterPodCIDRs": ["10.0.0.0/99"]})),
+            Res::VeilIdentities => ("spec", json!({"namespace": "Not_A_Namespace"})),
         };
         obj[broken.0] = broken.1;
         obj
@@ -185,6 +195,12 @@ impl Res {
                 a.public_key.0[0]
             }),
             Res::VeilClusterConfigs => state.config.cluster_pod_cidrs.first().map(|c| octet(c, 1)),
+            Res::VeilIdentities => name
+                .parse()
+                .ok()
+                .and_then(|n| state.identities.get(&crate::identity::Identity(n)))
+                .and_then(|k| k.labels.get("version"))
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -200,6 +216,9 @@ enum Verb {
     List,
     Watch,
     Patch,
+    Create,
+    Get,
+    Delete,
 }
 
 /// One request the source made, not answered yet.
@@ -346,6 +365,10 @@ enum Scenario {
     StatusPatch,
     /// A rejected write is an error naming the object.
     PublishRejected,
+    /// Identity allocation: POST, 409 AlreadyExists and read back, probing.
+    CreateIdentity,
+    /// Garbage collection deletes with uid/resourceVersion preconditions.
+    DeleteIdentity,
 }
 
 fn classify(request: &Request<Body>) -> (Option<Res>, Verb) {
@@ -356,6 +379,11 @@ fn classify(request: &Request<Body>) -> (Option<Res>, Verb) {
         .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true"));
     let verb = match (request.method(), watch) {
         (&Method::PATCH, _) => Verb::Patch,
+        (&Method::POST, _) => Verb::Create,
+        (&Method::DELETE, _) => Verb::Delete,
+        (&Method::GET, false) if path.starts_with("/apis/veil.dev/v1alpha1/veilidentities/") => {
+            Verb::Get
+        }
         (&Method::GET, true) => Verb::Watch,
         (&Method::GET, false) => Verb::List,
         (m, _) => panic!("unexpected method {m} for {}", request.uri()),
@@ -452,6 +480,8 @@ impl ApiServerVerifier {
             Scenario::Publish => self.publish(source).await,
             Scenario::StatusPatch => self.status_patch(source).await,
             Scenario::PublishRejected => self.publish_rejected(source).await,
+            Scenario::CreateIdentity => self.create_identity(source).await,
+            Scenario::DeleteIdentity => self.delete_identity(source).await,
         }
     }
 
@@ -461,7 +491,7 @@ impl ApiServerVerifier {
                 && d.iter()
                     .filter(|d| d.problem.contains("initial list not received"))
                     .count()
-                    == 5
+                    == 6
         })
         .await;
         let mut watches = Vec::new();
@@ -480,6 +510,7 @@ impl ApiServerVerifier {
                     // Only `default` counts; another name is diagnosed.
                     res.sample("other", 9, 6),
                 ],
+                Res::VeilIdentities => vec![res.sample("300", 7, 5), res.invalid("301", 6)],
             };
             self.next_of(res, Verb::List).await.list(items, 10);
             let watch = self.next_of(res, Verb::Watch).await;
@@ -523,6 +554,7 @@ impl ApiServerVerifier {
             Res::VeilClusterConfigs.observed(&state, "default"),
             Some(44)
         );
+        assert_eq!(Res::VeilIdentities.observed(&state, "300"), Some(7));
         assert_eq!(
             state.origins.get("Node/n1").map(String::as_str),
             Some("kube")
@@ -535,6 +567,7 @@ impl ApiServerVerifier {
             ("Node/bad", "spec.podCIDRs"),
             ("Pod/prod/bad", "status.podIP"),
             ("VeilNode/bad", "spec.publicKey"),
+            ("VeilIdentity/301", "spec.namespace"),
             (
                 "VeilClusterConfig/other",
                 "only the VeilClusterConfig named",
@@ -834,6 +867,165 @@ impl ApiServerVerifier {
         }
     }
 
+    async fn create_identity(&mut self, source: &KubeSource) {
+        use crate::identity::{candidate, Created, Identity, IdentityKey};
+        let key = |app: &str| IdentityKey {
+            namespace: "prod".into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+        };
+        let web = key("web");
+        let id = candidate(&web, 0);
+        let object = |id: Identity, k: &IdentityKey| {
+            let mut v =
+                serde_json::to_value(crate::cluster::identity::VeilIdentity::new(id, k)).unwrap();
+            v["metadata"]["uid"] = json!(format!("uid-{}", id.0));
+            v["metadata"]["resourceVersion"] = json!("7");
+            v
+        };
+        let path = |id: Identity| format!("/apis/veil.dev/v1alpha1/veilidentities/{}", id.0);
+
+        // Free number: one POST of the object, 201 Created.
+        let server = async {
+            let call = self
+                .next("POST veilidentities", |c| c.verb == Verb::Create)
+                .await;
+            assert_eq!(call.request.uri().path(), Res::VeilIdentities.path());
+            let body = call.request.body().try_clone().expect("buffered body");
+            let bytes = body.collect_bytes().await.expect("request body");
+            let sent: Value = serde_json::from_slice(&bytes).expect("JSON");
+            assert_eq!(sent["kind"], "VeilIdentity");
+            assert_eq!(sent["metadata"]["name"], id.0.to_string());
+            assert_eq!(
+                sent["spec"],
+                json!({"namespace": "prod", "labels": {"app": "web"}})
+            );
+            call.respond_json(StatusCode::CREATED, &object(id, &web));
+        };
+        let (result, ()) = tokio::join!(source.create_identity(id, &web), server);
+        assert_eq!(result.expect("create"), Created::Created);
+
+        // Lost the race to an agent that allocated the same label set: 409,
+        // read back, adopted.
+        let server = async {
+            self.next("POST veilidentities", |c| c.verb == Verb::Create)
+                .await
+                .fail(409, "AlreadyExists");
+            let get = self
+                .next("GET veilidentities/ID", |c| c.verb == Verb::Get)
+                .await;
+            assert_eq!(get.request.uri().path(), path(id));
+            get.respond_json(StatusCode::OK, &object(id, &web));
+        };
+        let (result, ()) = tokio::join!(source.create_identity(id, &web), server);
+        assert_eq!(result.expect("create"), Created::Exists(Some(web.clone())));
+
+        // The number is taken by another label set (a hash collision): the
+        // allocation probes the next candidate, which is free.
+        let db = key("db");
+        let server = async {
+            self.next("POST veilidentities", |c| c.verb == Verb::Create)
+                .await
+                .fail(409, "AlreadyExists");
+            let get = self
+                .next("GET veilidentities/ID", |c| c.verb == Verb::Get)
+                .await;
+            // The stored object holds db's labels under web's first candidate.
+            get.respond_json(StatusCode::OK, &object(id, &db));
+            let call = self
+                .next("POST veilidentities", |c| c.verb == Verb::Create)
+                .await;
+            let body = call.request.body().try_clone().expect("buffered body");
+            let bytes = body.collect_bytes().await.expect("request body");
+            let sent: Value = serde_json::from_slice(&bytes).expect("JSON");
+            assert_eq!(sent["metadata"]["name"], candidate(&web, 1).0.to_string());
+            call.respond_json(StatusCode::CREATED, &object(candidate(&web, 1), &web));
+        };
+        let mut view = BTreeMap::new();
+        let wanted = [web.clone()].into();
+        let ((done, errors), ()) =
+            tokio::join!(source.allocate_identities(&mut view, &wanted), server);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(done, vec![(candidate(&web, 1), web.clone())]);
+        assert_eq!(view.get(&id), Some(&db), "learned the other allocation");
+
+        // Any other refusal is an error naming the object.
+        let server = async {
+            self.next("POST veilidentities", |c| c.verb == Verb::Create)
+                .await
+                .fail(403, "Forbidden");
+        };
+        let (result, ()) = tokio::join!(source.create_identity(id, &web), server);
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("VeilIdentity/{}", id.0)) && err.contains("Forbidden"),
+            "{err}"
+        );
+    }
+
+    async fn delete_identity(&mut self, source: &KubeSource) {
+        use crate::identity::{Identity, IdentityKey};
+        let web = IdentityKey {
+            namespace: "prod".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+        };
+        let mut stored = serde_json::to_value(crate::cluster::identity::VeilIdentity::new(
+            Identity(4242),
+            &web,
+        ))
+        .unwrap();
+        stored["metadata"]["uid"] = json!("uid-4242");
+        stored["metadata"]["resourceVersion"] = json!("99");
+        let server = async {
+            let get = self
+                .next("GET veilidentities/4242", |c| c.verb == Verb::Get)
+                .await;
+            get.respond_json(StatusCode::OK, &stored);
+            let del = self
+                .next("DELETE veilidentities/4242", |c| c.verb == Verb::Delete)
+                .await;
+            assert_eq!(
+                del.request.uri().path(),
+                "/apis/veil.dev/v1alpha1/veilidentities/4242"
+            );
+            let body = del.request.body().try_clone().expect("buffered body");
+            let bytes = body.collect_bytes().await.expect("request body");
+            let sent: Value = serde_json::from_slice(&bytes).expect("JSON");
+            assert_eq!(
+                sent["preconditions"],
+                json!({"uid": "uid-4242", "resourceVersion": "99"})
+            );
+            del.respond_json(StatusCode::OK, &stored);
+        };
+        let (result, ()) = tokio::join!(source.delete_identity(Identity(4242), &web), server);
+        assert!(result.expect("delete"));
+
+        // Someone re-pointed the number at another label set: left alone.
+        let other = IdentityKey {
+            namespace: "prod".into(),
+            labels: [("app".to_string(), "db".to_string())].into(),
+        };
+        let server = async {
+            let get = self
+                .next("GET veilidentities/4242", |c| c.verb == Verb::Get)
+                .await;
+            get.respond_json(StatusCode::OK, &stored);
+        };
+        let (result, ()) = tokio::join!(source.delete_identity(Identity(4242), &other), server);
+        assert!(!result.expect("no delete"));
+        // Changed between the read and the delete: the server's 409 is "not deleted".
+        let server = async {
+            let get = self
+                .next("GET veilidentities/4242", |c| c.verb == Verb::Get)
+                .await;
+            get.respond_json(StatusCode::OK, &stored);
+            self.next("DELETE veilidentities/4242", |c| c.verb == Verb::Delete)
+                .await
+                .fail(409, "Conflict");
+        };
+        let (result, ()) = tokio::join!(source.delete_identity(Identity(4242), &web), server);
+        assert!(!result.expect("precondition failed"));
+    }
+
     async fn publish_rejected(&mut self, source: &KubeSource) {
         let announcement = Announcement {
             node: "n2".into(),
@@ -928,7 +1120,11 @@ fn setup(scenario: Scenario) -> (KubeSource, ApiServerVerifier) {
         Scenario::InitialList => Res::ALL.to_vec(),
         Scenario::Events(res) => vec![res],
         Scenario::GoneRelist | Scenario::ErrorsBackoff => vec![Res::Nodes],
-        Scenario::Publish | Scenario::StatusPatch | Scenario::PublishRejected => vec![],
+        Scenario::Publish
+        | Scenario::StatusPatch
+        | Scenario::PublishRejected
+        | Scenario::CreateIdentity
+        | Scenario::DeleteIdentity => vec![],
     };
     let verifier = ApiServerVerifier {
         handle,
@@ -1000,6 +1196,16 @@ async fn status_patch_targets_the_subresource() {
 #[tokio::test]
 async fn rejected_publish_names_the_object() {
     play(Scenario::PublishRejected).await;
+}
+
+#[tokio::test]
+async fn identity_create_is_create_if_absent() {
+    play(Scenario::CreateIdentity).await;
+}
+
+#[tokio::test]
+async fn identity_delete_has_preconditions() {
+    play(Scenario::DeleteIdentity).await;
 }
 
 #[tokio::test]
