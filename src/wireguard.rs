@@ -74,6 +74,7 @@
 //! fragmentation at all.
 
 pub mod lpm;
+pub mod offload;
 pub mod packet;
 pub mod rotation;
 pub mod uapi;
