@@ -377,7 +377,7 @@ mod tests {
             let payload = random_payload(&mut rng, len);
             let seq = rng.next() as u32;
             let id = rng.next() as u16;
-            let flags = ACK | if rng.next() % 2 == 0 { PSH } else { 0 };
+            let flags = ACK | if rng.next().is_multiple_of(2) { PSH } else { 0 };
             let mut sp = super_packet(f, id, seq, flags, &payload, mss as u16);
             let hdr = VirtioNetHdr::decode(&sp[..HDR]).unwrap();
             let mut bufs = vec![vec![0u8; 2048]; 128];
@@ -544,7 +544,7 @@ mod tests {
             let flows: Vec<(Flow, usize)> = (0..nflows)
                 .map(|i| {
                     let f = Flow {
-                        v6: rng.next() % 2 == 0,
+                        v6: rng.next().is_multiple_of(2),
                         src: i as u8 + 1,
                         sport: 40000 + i as u16,
                     };
@@ -605,7 +605,7 @@ mod tests {
             let n = (rng.next() % 100) as usize;
             let lens: Vec<usize> = (0..n)
                 .map(|_| {
-                    if rng.next() % 4 == 0 {
+                    if rng.next().is_multiple_of(4) {
                         1 + (rng.next() % 1500) as usize
                     } else {
                         1452
@@ -615,7 +615,7 @@ mod tests {
             let mut covered = 0;
             gso_runs(&lens, |first, count, seg| {
                 assert_eq!(first, covered);
-                assert!(count >= 1 && count <= UDP_MAX_SEGMENTS);
+                assert!((1..=UDP_MAX_SEGMENTS).contains(&count));
                 let run = &lens[first..first + count];
                 assert_eq!(run[0], seg);
                 assert!(run[..count - 1].iter().all(|&l| l == seg));
