@@ -7,10 +7,15 @@
 //!   because eBPF `bpf_redirect` into a TUN skips the MTU check, so packets can
 //!   be larger than the device MTU), picks the peer by longest-prefix match of
 //!   the destination over all AllowedIPs, encrypts, sends to the endpoint.
-//! - **udp->tun**: receives datagrams, demuxes them to a peer (see
-//!   [`packet::demux`]), decrypts, applies cryptokey routing on the inner source
-//!   address, writes to the TUN device. Replies the protocol asks for
-//!   (handshake responses, cookies, queued packets) go back out immediately.
+//!   With TUN offloads a read is a TCP super-packet, split into segments that
+//!   are encrypted under one peer lock and sent with one `UDP_SEGMENT` send
+//!   (see [`offload`]).
+//! - **udp->tun**: receives datagrams (a `UDP_GRO` run per receive), demuxes
+//!   them to a peer (see [`packet::demux`]), decrypts, applies cryptokey
+//!   routing on the inner source address, and writes the batch to the TUN
+//!   device, coalescing TCP segments into GRO super-packets. Replies the
+//!   protocol asks for (handshake responses, cookies, queued packets) go back
+//!   out immediately.
 //! - **timers**: every [`TIMER_TICK`] calls `Tunn::update_timers` for each peer
 //!   (handshake retries, rekeying, keepalives) and resets the shared rate limiter.
 //! - **uapi** (optional): serves `wg show` on the standard Unix socket.
