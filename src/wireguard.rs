@@ -7,10 +7,15 @@
 //!   because eBPF `bpf_redirect` into a TUN skips the MTU check, so packets can
 //!   be larger than the device MTU), picks the peer by longest-prefix match of
 //!   the destination over all AllowedIPs, encrypts, sends to the endpoint.
-//! - **udp->tun**: receives datagrams, demuxes them to a peer (see
-//!   [`packet::demux`]), decrypts, applies cryptokey routing on the inner source
-//!   address, writes to the TUN device. Replies the protocol asks for
-//!   (handshake responses, cookies, queued packets) go back out immediately.
+//!   With TUN offloads a read is a TCP super-packet, split into segments that
+//!   are encrypted under one peer lock and sent with one `UDP_SEGMENT` send
+//!   (see [`offload`]).
+//! - **udp->tun**: receives datagrams (a `UDP_GRO` run per receive), demuxes
+//!   them to a peer (see [`packet::demux`]), decrypts, applies cryptokey
+//!   routing on the inner source address, and writes the batch to the TUN
+//!   device, coalescing TCP segments into GRO super-packets. Replies the
+//!   protocol asks for (handshake responses, cookies, queued packets) go back
+//!   out immediately.
 //! - **timers**: every [`TIMER_TICK`] calls `Tunn::update_timers` for each peer
 //!   (handshake retries, rekeying, keepalives) and resets the shared rate limiter.
 //! - **uapi** (optional): serves `wg show` on the standard Unix socket.
@@ -74,6 +79,7 @@
 //! fragmentation at all.
 
 pub mod lpm;
+pub mod offload;
 pub mod packet;
 pub mod rotation;
 pub mod uapi;
@@ -115,6 +121,58 @@ const WG_OVERHEAD: usize = 32;
 const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
 /// Socket buffers: large enough for bursts at multi-Gbit/s without drops.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Segments one TUN read can yield: a 64 KiB TSO super-packet at the smallest
+/// usual MSS (536) is 123 segments.
+const TUN_SEGMENTS: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// One segment of a super-packet: headers plus at most one MSS. 9 KiB leaves
+/// room for jumbo-frame pods; a larger segment fails the split and is dropped.
+const SEGMENT_BUF: usize = 9 * 1024;
+/// Encrypted segments of one TUN read, back to back (a 64 KiB payload split
+/// in 123 segments re-sends ~123 x 72 bytes of headers and WireGuard overhead).
+const OUT_BUF: usize = 2 * MAX_PACKET;
+/// Decrypted packets collected before one TUN write batch (GRO coalesces them).
+const RX_BATCH: usize = 64;
+/// Receives (each up to 64 KiB with UDP GRO) per batch, bounding the added latency.
+const RX_RECVS: usize = 8;
+/// Room `decapsulate` needs for handshake replies and cookies (a 148-byte
+/// initiation is answered with 92 bytes).
+const MIN_OUT: usize = 256;
+
+/// Decrypted packets waiting for one TUN write, each after room for a
+/// virtio-net header. The buffers are kept between batches (no per-packet
+/// allocation); GRO may grow one up to a 64 KiB super-packet.
+struct TunBatch {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+    gro: tun_rs::GROTable,
+}
+
+impl TunBatch {
+    fn new() -> TunBatch {
+        TunBatch {
+            bufs: (0..RX_BATCH).map(|_| Vec::new()).collect(),
+            len: 0,
+            gro: tun_rs::GROTable::new(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == self.bufs.len()
+    }
+
+    /// Room for the plaintext of a `dgram_len`-byte datagram (plaintext is shorter).
+    fn next(&mut self, dgram_len: usize) -> &mut [u8] {
+        let b = &mut self.bufs[self.len];
+        b.resize(tun_rs::VIRTIO_NET_HDR_LEN + dgram_len.max(MIN_OUT), 0);
+        &mut b[tun_rs::VIRTIO_NET_HDR_LEN..]
+    }
+
+    /// Keeps the first `len` bytes written to [`TunBatch::next`] for the TUN.
+    fn commit(&mut self, len: usize) {
+        self.bufs[self.len].truncate(tun_rs::VIRTIO_NET_HDR_LEN + len);
+        self.len += 1;
+    }
+}
 
 /// Errors starting the engine. Packet-level problems are never errors: they are
 /// counted in [`EngineCounters`] and logged.
@@ -554,6 +612,11 @@ impl IndexAlloc {
 
 struct Shared {
     tun: tun_rs::SyncDevice,
+    /// The TUN device speaks virtio-net headers with TSO/checksum offload
+    /// (see [`offload`]); false if the kernel refused and we fell back.
+    tun_offload: bool,
+    /// `UDP_SEGMENT` sends still work; cleared (once, logged) when the kernel refuses them.
+    udp_gso: AtomicBool,
     tun_name: String,
     tun_ifindex: u32,
     sock: UdpSocket,
@@ -665,6 +728,18 @@ fn bind_udp(port: u16) -> Result<(UdpSocket, bool), Error> {
     }
     sock.set_read_timeout(Some(POLL_INTERVAL))
         .map_err(opt("SO_RCVTIMEO"))?;
+    match offload::enable_udp_gro(fd) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                port,
+                "UDP_GRO not supported; receiving one datagram per call"
+            )
+        }
+        Err(e) => {
+            tracing::warn!(port, error = %e, "UDP_GRO refused; receiving one datagram per call")
+        }
+    }
     Ok((sock.into(), dual))
 }
 
@@ -754,14 +829,28 @@ impl Engine {
             let name = name.clone();
             move |source| Error::TunConfig { name, what, source }
         };
-        // IFF_TUN | IFF_NO_PI (tun-rs's Linux default): raw IP packets, no header.
-        let tun = tun_rs::DeviceBuilder::new()
+        // IFF_TUN | IFF_NO_PI | IFF_VNET_HDR with TUNSETOFFLOAD CSUM|TSO4|TSO6:
+        // the kernel hands us TCP super-packets and takes coalesced ones
+        // (see `offload`). A kernel that refuses gets plain one-packet I/O.
+        let tun = match tun_rs::DeviceBuilder::new()
             .name(&cfg.tun_name)
+            .offload(true)
             .build_sync()
-            .map_err(|source| Error::Tun {
-                name: name.clone(),
-                source,
-            })?;
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(tun = %name, error = %e,
+                    "TUN offloads (IFF_VNET_HDR/TSO) refused; falling back to one packet per read");
+                tun_rs::DeviceBuilder::new()
+                    .name(&cfg.tun_name)
+                    .build_sync()
+                    .map_err(|source| Error::Tun {
+                        name: name.clone(),
+                        source,
+                    })?
+            }
+        };
+        let tun_offload = tun.tcp_gso();
         tun.set_mtu(cfg.mtu).map_err(tun_err("set MTU"))?;
         tun.enabled(true).map_err(tun_err("bring up"))?;
         // Reads are driven by poll() so the thread can notice shutdown.
@@ -785,6 +874,8 @@ impl Engine {
 
         let shared = Arc::new(Shared {
             tun,
+            tun_offload,
+            udp_gso: AtomicBool::new(true),
             tun_name: cfg.tun_name.clone(),
             tun_ifindex,
             sock,
@@ -830,6 +921,7 @@ impl Engine {
             mtu = cfg.mtu,
             listen_port,
             dual_stack,
+            tun_offload,
             "WireGuard engine started"
         );
         Ok(engine)
@@ -854,6 +946,12 @@ impl Engine {
 
     pub fn tun_name(&self) -> &str {
         &self.shared.tun_name
+    }
+
+    /// Whether the TUN device runs with TSO/checksum offloads (virtio-net
+    /// headers); false if the kernel refused them and the engine fell back.
+    pub fn tun_offload(&self) -> bool {
+        self.shared.tun_offload
     }
 
     /// The UDP port actually bound.
@@ -1154,13 +1252,18 @@ fn short_key(k: &[u8; 32]) -> String {
 }
 
 impl Shared {
-    fn send(&self, data: &[u8], to: SocketAddr) {
-        let to = match (self.dual_stack, to) {
+    /// The socket address to send to: v4 peers as v4-mapped on a dual-stack socket.
+    fn wire_addr(&self, to: SocketAddr) -> SocketAddr {
+        match (self.dual_stack, to) {
             (true, SocketAddr::V4(v4)) => {
                 SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
             }
             _ => to,
-        };
+        }
+    }
+
+    fn send(&self, data: &[u8], to: SocketAddr) {
+        let to = self.wire_addr(to);
         match self.sock.send_to(data, to) {
             Ok(_) => bump(&self.counters.udp_tx_datagrams),
             Err(e) => {
@@ -1170,9 +1273,71 @@ impl Shared {
         }
     }
 
+    /// Sends encrypted datagrams laid out back to back in `data` (sizes in
+    /// `lens`) to one endpoint, as few `UDP_SEGMENT` sends as the kernel's
+    /// limits allow (see [`offload::gso_runs`]).
+    fn send_batch(&self, data: &[u8], lens: &[usize], to: SocketAddr) {
+        let singles = |mut off: usize, lens: &[usize]| {
+            for &l in lens {
+                self.send(&data[off..off + l], to);
+                off += l;
+            }
+        };
+        if lens.len() < 2 || !self.udp_gso.load(Ordering::Relaxed) {
+            return singles(0, lens);
+        }
+        let wire = self.wire_addr(to);
+        let fd = self.sock.as_raw_fd();
+        let mut off = 0;
+        offload::gso_runs(lens, |first, count, seg| {
+            let run = &lens[first..first + count];
+            let bytes: usize = run.iter().sum();
+            let seg16 = u16::try_from(seg).ok();
+            if count == 1 || seg16.is_none() || !self.udp_gso.load(Ordering::Relaxed) {
+                singles(off, run);
+            } else {
+                match offload::send(fd, &data[off..off + bytes], seg16, wire) {
+                    Ok(_) => {
+                        self.counters
+                            .udp_tx_datagrams
+                            .fetch_add(count as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // EIO: the route's device cannot checksum UDP (udp_send_skb);
+                        // ENOPROTOOPT/EOPNOTSUPP: a kernel without UDP GSO. Both are
+                        // for good. EINVAL and others (e.g. a segment larger than
+                        // the path MTU) concern only this run.
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
+                        ) && self.udp_gso.swap(false, Ordering::Relaxed)
+                        {
+                            tracing::warn!(tun = %self.tun_name, error = %e,
+                                "UDP GSO (UDP_SEGMENT) refused; sending one datagram per call");
+                        } else {
+                            tracing::debug!(tun = %self.tun_name, %to, error = %e,
+                                "UDP GSO send failed; sending this run one by one");
+                        }
+                        singles(off, run);
+                    }
+                }
+            }
+            off += bytes;
+        });
+    }
+
     fn tun_loop(&self) {
-        let mut buf = vec![0u8; MAX_PACKET];
-        let mut out = vec![0u8; MAX_PACKET + WG_OVERHEAD];
+        // One read is one packet or one TSO super-packet (virtio header first);
+        // tun-rs splits the latter into segments (see `offload`). The first
+        // segment buffer holds a whole non-GSO packet, which can exceed the MTU
+        // because `bpf_redirect` into a TUN skips the MTU check.
+        let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut segs: Vec<Vec<u8>> = (0..TUN_SEGMENTS)
+            .map(|i| vec![0u8; if i == 0 { MAX_PACKET } else { SEGMENT_BUF }])
+            .collect();
+        let mut sizes = vec![0usize; TUN_SEGMENTS];
+        let mut out = vec![0u8; OUT_BUF];
+        let mut lens = Vec::with_capacity(TUN_SEGMENTS);
         let fd = self.tun.as_raw_fd();
         while !self.stop.load(Ordering::Relaxed) {
             match wait_readable(fd, POLL_INTERVAL) {
@@ -1186,10 +1351,15 @@ impl Shared {
             }
             // Drain everything that is ready before polling again.
             loop {
-                match self.tun.recv(&mut buf) {
+                match self
+                    .tun
+                    .recv_multiple(&mut raw[..], &mut segs[..], &mut sizes[..], 0)
+                {
                     Ok(n) => {
-                        bump(&self.counters.tun_rx_packets);
-                        self.outbound(&buf[..n], &mut out);
+                        self.counters
+                            .tun_rx_packets
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        self.outbound(&segs, &sizes[..n], &mut out, &mut lens);
                     }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
@@ -1198,55 +1368,79 @@ impl Shared {
                         break
                     }
                     Err(e) => {
-                        tracing::warn!(tun = %self.tun_name, error = %e, "TUN read failed");
-                        break;
+                        // A super-packet tun-rs cannot split (bad header, too
+                        // many segments): drop it, keep reading.
+                        bump(&self.counters.dropped_invalid);
+                        tracing::debug!(tun = %self.tun_name, error = %e, "TUN read failed");
                     }
                 }
             }
         }
     }
 
-    /// One plaintext packet from the TUN device towards its peer.
-    fn outbound(&self, pkt: &[u8], out: &mut [u8]) {
-        let Some(dst) = packet::dst_addr(pkt) else {
-            bump(&self.counters.dropped_invalid);
-            return;
-        };
+    /// Plaintext packets from the TUN device (the segments of one read) towards
+    /// their peers. Consecutive packets for the same peer are encrypted under
+    /// one lock into `out`, back to back, and leave in one GSO send.
+    fn outbound(&self, segs: &[Vec<u8>], sizes: &[usize], out: &mut [u8], lens: &mut Vec<usize>) {
+        let c = &self.counters;
         let set = self.peers.read().clone();
-        let Some(peer) = set.route(dst) else {
-            bump(&self.counters.dropped_no_peer);
-            return;
-        };
-        let (ep, result) = {
+        let mut i = 0;
+        while i < sizes.len() {
+            let Some(dst) = packet::dst_addr(&segs[i][..sizes[i]]) else {
+                bump(&c.dropped_invalid);
+                i += 1;
+                continue;
+            };
+            // The segments of one super-packet share the destination.
+            let mut j = i + 1;
+            while j < sizes.len() && packet::dst_addr(&segs[j][..sizes[j]]) == Some(dst) {
+                j += 1;
+            }
+            let run = i..j;
+            i = j;
+            let Some(peer) = set.route(dst) else {
+                c.dropped_no_peer
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+                continue;
+            };
             let mut st = peer.state.lock();
             let Some(ep) = st.endpoint else {
                 drop(st);
-                bump(&self.counters.dropped_no_endpoint);
-                return;
+                c.dropped_no_endpoint
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+                continue;
             };
             let pos = st.send_slot();
-            // Without a session boringtun queues the packet and returns a handshake
-            // initiation (or Done if one is already in flight).
-            let result = st.slot_mut(pos).tunn.encapsulate(pkt, out);
-            if pos > 0 {
-                if let TunnResult::WriteToNetwork(p) = &result {
+            lens.clear();
+            let mut used = 0;
+            for k in run {
+                let pkt = &segs[k][..sizes[k]];
+                if out.len() - used < pkt.len() + WG_OVERHEAD {
+                    self.send_batch(&out[..used], lens, ep);
+                    lens.clear();
+                    used = 0;
+                }
+                // Without a session boringtun queues the packet and returns a
+                // handshake initiation (or Done if one is already in flight).
+                match st.slot_mut(pos).tunn.encapsulate(pkt, &mut out[used..]) {
+                    TunnResult::WriteToNetwork(p) if p.first() == Some(&4) => {
+                        lens.push(p.len());
+                        used += p.len();
+                    }
                     // A retiring slot whose session just lapsed: no handshake
                     // with a key that is going away (see module docs).
-                    if rotation::is_initiation(p) {
-                        return;
+                    TunnResult::WriteToNetwork(p) if pos > 0 && rotation::is_initiation(p) => {}
+                    TunnResult::WriteToNetwork(p) => self.send(p, ep),
+                    TunnResult::Done => {}
+                    TunnResult::Err(e) => {
+                        bump(&c.dropped_invalid);
+                        tracing::debug!(tun = %self.tun_name, error = ?e, "encapsulate failed");
                     }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
                 }
             }
-            (ep, result)
-        };
-        match result {
-            TunnResult::WriteToNetwork(p) => self.send(p, ep),
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
-                bump(&self.counters.dropped_invalid);
-                tracing::debug!(tun = %self.tun_name, error = ?e, "encapsulate failed");
-            }
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            drop(st);
+            self.send_batch(&out[..used], lens, ep);
         }
     }
 
@@ -1268,35 +1462,83 @@ impl Shared {
     }
 
     fn udp_loop(&self) {
-        let mut buf = vec![0u8; MAX_PACKET];
-        let mut out = vec![0u8; MAX_PACKET + WG_OVERHEAD];
+        let fd = self.sock.as_raw_fd();
+        // With UDP_GRO one receive returns a run of datagrams from one sender.
+        let mut rx = vec![0u8; MAX_PACKET];
+        let mut batch = TunBatch::new();
         while !self.stop.load(Ordering::Relaxed) {
-            match self.sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    bump(&self.counters.udp_rx_datagrams);
-                    self.inbound(&buf[..n], normalize(from), &mut out);
+            // The first receive waits (SO_RCVTIMEO); the rest only take what is
+            // already queued, so a batch never waits for more traffic.
+            let mut flags = 0;
+            for _ in 0..RX_RECVS {
+                match offload::recv(fd, &mut rx, flags) {
+                    Ok((n, from, seg)) => {
+                        let from = normalize(from);
+                        for d in offload::datagrams(&rx[..n], seg) {
+                            bump(&self.counters.udp_rx_datagrams);
+                            if batch.is_full() {
+                                self.flush_tun(&mut batch);
+                            }
+                            let out = batch.next(d.len());
+                            if let Some(len) = self.inbound(d, from, out) {
+                                batch.commit(len);
+                            }
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(e) => {
+                        // E.g. ECONNREFUSED from an ICMP error on an earlier send: not fatal.
+                        tracing::debug!(tun = %self.tun_name, error = %e, "UDP receive error");
+                        break;
+                    }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => {
-                    // E.g. ECONNREFUSED from an ICMP error on an earlier send: not fatal.
-                    tracing::debug!(tun = %self.tun_name, error = %e, "UDP receive error");
-                }
+                flags = libc::MSG_DONTWAIT;
+            }
+            self.flush_tun(&mut batch);
+        }
+    }
+
+    /// Writes the decrypted packets of `batch` to the TUN device; with offloads,
+    /// consecutive TCP segments of a flow go as one GRO super-packet.
+    fn flush_tun(&self, batch: &mut TunBatch) {
+        let n = batch.len;
+        if n == 0 {
+            return;
+        }
+        batch.len = 0;
+        match self.tun.send_multiple(
+            &mut batch.gro,
+            &mut batch.bufs[..n],
+            tun_rs::VIRTIO_NET_HDR_LEN,
+        ) {
+            Ok(_) => {
+                self.counters
+                    .tun_tx_packets
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                bump(&self.counters.send_errors);
+                tracing::debug!(tun = %self.tun_name, error = %e, "TUN write failed");
             }
         }
     }
 
-    /// One datagram from the network.
-    fn inbound(&self, dgram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    /// One datagram from the network. Returns the length of a decrypted packet
+    /// that passed cryptokey routing and now sits at the start of `out`.
+    fn inbound(&self, dgram: &[u8], from: SocketAddr, out: &mut [u8]) -> Option<usize> {
         let c = &self.counters;
         let Ok(packet) = Tunn::parse_incoming_packet(dgram) else {
             bump(&c.dropped_invalid);
-            return;
+            return None;
         };
         let set = self.peers.read().clone();
         let (peer, slot_ref) = match packet {
@@ -1315,7 +1557,7 @@ impl Shared {
                         Err(TunnResult::WriteToNetwork(cookie)) => {
                             bump(&c.cookie_replies);
                             self.send(cookie, from);
-                            return;
+                            return None;
                         }
                         Err(TunnResult::Err(WireGuardError::InvalidMac)) => continue,
                         Err(_) => break,
@@ -1323,31 +1565,31 @@ impl Shared {
                 }
                 let Some(key) = addressed else {
                     bump(&c.dropped_invalid);
-                    return;
+                    return None;
                 };
                 let peer_public = match packet::demux(&packet, &key.secret, &key.public) {
                     Ok(Demux::Initiation { peer_public }) => peer_public,
                     _ => {
                         bump(&c.dropped_invalid);
-                        return;
+                        return None;
                     }
                 };
                 let Some(peer) = set.by_key.get(&peer_public) else {
                     bump(&c.dropped_unknown_peer);
                     tracing::debug!(tun = %self.tun_name, %from, peer = %short_key(&peer_public),
                         "handshake from a key that is not a configured peer");
-                    return;
+                    return None;
                 };
                 (peer, SlotRef::Keys(key.public.to_bytes(), peer_public))
             }
             Packet::HandshakeResponse(_) | Packet::PacketCookieReply(_) | Packet::PacketData(_) => {
                 let Ok(Demux::Index { peer_index }) = packet::demux_index(&packet) else {
                     bump(&c.dropped_invalid);
-                    return;
+                    return None;
                 };
                 let Some(peer) = set.by_index.get(&peer_index) else {
                     bump(&c.dropped_no_session);
-                    return;
+                    return None;
                 };
                 (peer, SlotRef::Index(peer_index))
             }
@@ -1369,7 +1611,7 @@ impl Shared {
                 // A slot retired since the snapshot was taken.
                 SlotRef::Index(_) => bump(&c.dropped_no_session),
             }
-            return;
+            return None;
         };
         let slot = st.slot_mut(pos);
         if matches!(packet, Packet::HandshakeResponse(_)) {
@@ -1380,11 +1622,11 @@ impl Shared {
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     bump(&c.cookie_replies);
                     self.send(cookie, from);
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     bump(&c.dropped_invalid);
-                    return;
+                    return None;
                 }
             }
         }
@@ -1395,7 +1637,7 @@ impl Shared {
                 _ => bump(&c.dropped_invalid),
             }
             tracing::trace!(tun = %self.tun_name, %from, error = ?e, "decapsulate rejected a datagram");
-            return;
+            return None;
         }
         // The datagram authenticated as this peer: follow it if it moved (roaming,
         // WireGuard paper §2.1). Cookie replies are not authenticated by the
@@ -1404,20 +1646,22 @@ impl Shared {
             tracing::debug!(tun = %self.tun_name, old = ?st.endpoint, new = %from, "peer endpoint changed");
             st.endpoint = Some(from);
         }
-        let flush = match result {
+        let (flush, deliver) = match result {
             TunnResult::WriteToNetwork(p) => {
                 self.send(p, from);
-                true
+                (true, None)
             }
-            TunnResult::WriteToTunnelV4(p, src) => {
-                self.deliver(&set, peer.id, p, IpAddr::V4(src));
-                false
-            }
-            TunnResult::WriteToTunnelV6(p, src) => {
-                self.deliver(&set, peer.id, p, IpAddr::V6(src));
-                false
-            }
-            TunnResult::Done | TunnResult::Err(_) => false,
+            TunnResult::WriteToTunnelV4(p, src) => (
+                false,
+                self.accept(&set, peer.id, IpAddr::V4(src))
+                    .then_some(p.len()),
+            ),
+            TunnResult::WriteToTunnelV6(p, src) => (
+                false,
+                self.accept(&set, peer.id, IpAddr::V6(src))
+                    .then_some(p.len()),
+            ),
+            TunnResult::Done | TunnResult::Err(_) => (false, None),
         };
         if flush {
             // A completed handshake releases the packets queued while it ran:
@@ -1429,21 +1673,18 @@ impl Shared {
                 self.send(p, ep);
             }
         }
+        deliver
     }
 
-    fn deliver(&self, set: &PeerSet, sender: u32, pkt: &[u8], src: IpAddr) {
+    /// Cryptokey routing on receive (see [`packet::cryptokey_check`]).
+    fn accept(&self, set: &PeerSet, sender: u32, src: IpAddr) -> bool {
         match packet::cryptokey_check(&set.routes, &sender, src) {
-            CryptokeyVerdict::Allow => match self.tun.send(pkt) {
-                Ok(_) => bump(&self.counters.tun_tx_packets),
-                Err(e) => {
-                    bump(&self.counters.send_errors);
-                    tracing::debug!(tun = %self.tun_name, error = %e, "TUN write failed");
-                }
-            },
+            CryptokeyVerdict::Allow => true,
             CryptokeyVerdict::WrongSource => {
                 bump(&self.counters.dropped_cryptokey);
                 tracing::debug!(tun = %self.tun_name, %src,
                     "dropped a packet whose source is outside the sending peer's AllowedIPs");
+                false
             }
         }
     }
