@@ -96,7 +96,7 @@ impl UdpStream {
         let rx = sock
             .try_clone()
             .unwrap_or_else(|e| panic!("clone udp: {e}"));
-        let me = Self {
+        let mut me = Self {
             stop: Arc::new(AtomicBool::new(false)),
             sent: Arc::new(AtomicU64::new(0)),
             received: Arc::new(AtomicU64::new(0)),
@@ -146,7 +146,6 @@ impl UdpStream {
                 }
             }
         });
-        let mut me = me;
         me.threads = vec![tx, rxt];
         me
     }
@@ -207,9 +206,9 @@ fn enable_flag_flips_keep_connections_and_end_encrypted() {
     require_root();
     // Starts with encryption off (strict in the spec, not yet in force).
     let mut f = Fixture::new(3, 1, false, true);
-    f.start_agents(&[0, 1, 2], 0);
+    f.start_agents(&[1, 2, 3], 0);
     let c = canary("enable");
-    let (a, b, z) = (f.topo.pod(0, 0), f.topo.pod(1, 0), f.topo.pod(2, 0));
+    let (a, b, z) = (f.topo.pod(1, 0), f.topo.pod(2, 0), f.topo.pod(3, 0));
     warm_up(&[(a, b), (z, a)], &c);
 
     let status = wait_conditions(&f, &["PlaintextAccepted"], 3, "initial (disabled)");
