@@ -375,7 +375,8 @@ mod tests {
                                 assert_ne!(m, SendMode::Plaintext, "{ctx}");
                             }
                             // Never drop outside fail-closed.
-                            if !(flags.strict && !window) {
+                            let fail_closed = flags.strict && !window;
+                            if !fail_closed {
                                 assert_ne!(m, SendMode::Drop, "{ctx}");
                             }
                             // Once encrypted, never back to plaintext while on:
