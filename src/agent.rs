@@ -23,9 +23,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::cluster::source::{Source, SourceConfig};
 use crate::cluster::trust::{self, Certificates};
-use crate::cluster::{Announcement, ClusterState, Diagnostic, NodeKeyStatus, PublicKey};
+use crate::cluster::{
+    Announcement, ClusterState, Diagnostic, EncryptionStatus, NodeKeyStatus, PublicKey,
+};
 use crate::datapath::{Datapath, DatapathConfig, EndpointValue, RemoteValue};
 use crate::netlink::{fallback, Netlink};
+use crate::reconcile::enable::{self, Flags, SendMode, Transition};
 use crate::reconcile::{self, Accepted, Desired, TrustContext};
 use crate::wireguard::{Engine, EngineConfig, PeerConfig};
 
@@ -220,6 +223,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         previous_until,
         rotation_interval: None,
         interval_problem: None,
+        transition: Transition::default(),
+        encryption: None,
     };
     let mut identities = IdentityAllocator::default();
     let mut resync = tokio::time::interval(cfg.resync);
@@ -282,6 +287,10 @@ struct Node {
     rotation_interval: Option<Duration>,
     /// Why the configured interval is not used, as last logged.
     interval_problem: Option<String>,
+    /// Where this node is in enabling/disabling encryption, per peer.
+    transition: Transition,
+    /// This node's report on the enable flag, published in its status.
+    encryption: Option<EncryptionStatus>,
 }
 
 impl Node {
@@ -309,15 +318,18 @@ impl Node {
                 Err(e) => error!("persisting accepted announcements: {e}"),
             }
         }
-        let desired = outcome.desired;
+        let mut desired = outcome.desired;
+        self.plan_transition(state, &mut desired);
 
         self.update_rotation_interval(state.config.key_rotation_interval);
         self.rotate_if_requested();
-        self.announce(state, &desired);
         self.apply_peers(&desired);
         if let Err(e) = self.apply_datapath(&desired).await {
             error!("applying the datapath: {e}; retrying on the next pass");
         }
+        // After the engine holds every peer: the status says `ready`, and a
+        // peer reading it may start sending encrypted at once.
+        self.announce(state, &desired);
         self.apply_policy(state);
         let plan = fallback::plan(&desired, Some(self.engine.tun_ifindex()));
         if let Err(e) = self
@@ -327,6 +339,50 @@ impl Node {
         {
             error!("applying the routing safety net: {e}; retrying on the next pass");
         }
+    }
+
+    /// Decides per peer whether to send encrypted, in plaintext, or not at
+    /// all while the enable flag changes ([`reconcile::enable`]), and narrows
+    /// `desired` to that.
+    fn plan_transition(&mut self, state: &ClusterState, desired: &mut Desired) {
+        let flags = Flags {
+            enabled: state.config.encryption_enabled,
+            strict: state.config.strict,
+        };
+        let views = enable::peer_views(state, &self.cfg.node, desired);
+        let was_open = self.transition.window_open(flags);
+        let before = self.transition.encrypted.clone();
+        let plan = self
+            .transition
+            .step(flags, enable::all_encrypting(state), &views);
+        for (peer, mode) in &plan.modes {
+            let now_encrypted = *mode == SendMode::Encrypted;
+            if now_encrypted != before.contains(peer) {
+                info!(peer = %peer, mode = ?mode, enabled = flags.enabled, "send mode changed");
+            }
+        }
+        if was_open && !self.transition.window_open(flags) {
+            info!(
+                strict = flags.strict,
+                "every node encrypts to every peer: enable converged"
+            );
+        }
+        let status = EncryptionStatus {
+            ready: true,
+            ..plan.status.clone()
+        };
+        if self.encryption.as_ref() != Some(&status) {
+            info!(
+                enabled = status.enabled,
+                accepts_plaintext = status.accepts_plaintext,
+                encrypted = status.encrypted_peers,
+                plaintext = status.plaintext_peers,
+                dropped = status.dropped_peers,
+                "encryption status"
+            );
+        }
+        self.encryption = Some(status);
+        enable::apply(&plan, desired);
     }
 
     fn report(&mut self, diags: Vec<Diagnostic>) {
@@ -442,6 +498,7 @@ impl Node {
                 .iter()
                 .map(|(n, a)| (n.clone(), a.generation))
                 .collect(),
+            encryption: self.encryption.clone(),
         };
         let current = state.announcements.get(&self.cfg.node);
         if current == Some(&want) && self.published.as_ref() == Some(&want) {

@@ -108,6 +108,30 @@ pub struct NodeKeyStatus {
     pub key_since: Option<u64>,
     /// Per peer name: the generation of that peer's key this node uses.
     pub peers: BTreeMap<String, u64>,
+    /// Where this node stands on the cluster-wide enable flag; `None` from
+    /// an agent that does not report it.
+    pub encryption: Option<EncryptionStatus>,
+}
+
+/// A node's report on the enable flag (`status.encryption` of its
+/// `VeilNode`). Peers read it to decide, per pair, when to switch between
+/// plaintext and encrypted (see [`crate::reconcile::enable`]). Unsigned: it
+/// can only make a sender *encrypt* earlier or *keep* encrypting, never
+/// start sending plaintext while the flag is on (SECURITY.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EncryptionStatus {
+    /// The value of `spec.encryption.enabled` this node acts on.
+    pub enabled: bool,
+    /// Its engine is up with every peer in `peers` configured: it can
+    /// receive encrypted traffic from each of them.
+    pub ready: bool,
+    /// It delivers plaintext from remote pods. Only false once strict mode
+    /// has converged (every node sends encrypted to every peer).
+    pub accepts_plaintext: bool,
+    /// How many peers it sends to encrypted / in plaintext / not at all.
+    pub encrypted_peers: u32,
+    pub plaintext_peers: u32,
+    pub dropped_peers: u32,
 }
 
 impl Announcement {

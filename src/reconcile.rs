@@ -2,6 +2,8 @@
 //! state of one node. Appliers (engine, BPF maps, routes) diff it against
 //! what they have.
 
+pub mod enable;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 

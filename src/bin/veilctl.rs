@@ -41,14 +41,20 @@ const AUTHORITY_PUB: &str = "authority.pub";
 enum Command {
     /// Show the encryption flag, every node, its announcement, and any problem found.
     Status,
-    /// Turn encryption on cluster-wide.
+    /// Turn encryption on cluster-wide. Nodes switch pair by pair, each
+    /// once its peer reports it can decrypt; `status` shows the progress.
     Enable {
-        /// Fail closed: never send remote pod traffic in plaintext. Left as it
+        /// Fail closed: once every node encrypts, never send or deliver remote
+        /// pod traffic in plaintext. `--strict` alone means true. Left as it
         /// is when not given (on for a new config).
-        #[arg(long, action = clap::ArgAction::Set)]
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         strict: Option<bool>,
+        /// Same as `--strict false`.
+        #[arg(long, conflicts_with = "strict")]
+        no_strict: bool,
     },
-    /// Turn encryption off cluster-wide.
+    /// Turn encryption off cluster-wide. Every node first accepts plaintext
+    /// again and says so; only then do its peers stop encrypting to it.
     Disable,
     /// The cluster authority (certifies node identities).
     Ca {
@@ -171,7 +177,9 @@ fn main() -> ExitCode {
     let authority = cli.authority_public_key.as_deref();
     let result = match cli.command {
         Command::Status => status(dir, authority),
-        Command::Enable { strict } => set_encryption(dir, true, strict),
+        Command::Enable { strict, no_strict } => {
+            set_encryption(dir, true, if no_strict { Some(false) } else { strict })
+        }
         Command::Disable => set_encryption(dir, false, None),
         Command::Ca {
             command: CaCommand::Init { out },
@@ -234,6 +242,7 @@ fn main() -> ExitCode {
 fn status(dir: &Path, authority: Option<&Path>) -> Result<(), String> {
     let (state, mut diags) = load(dir)?;
     print!("{}", render_status(&state));
+    print!("{}", render_conditions(&state));
     if let Some(path) = authority {
         let authority = read_authority(path)?;
         for (name, verdict) in verdicts(&state, &authority) {
@@ -312,6 +321,60 @@ fn render_status(state: &ClusterState) -> String {
             "{name:<16} {:<20} {ip:<16} {pods:<6} {key:<46} {port}",
             cidrs.join(",")
         );
+    }
+    out
+}
+
+/// The `VeilClusterConfig` conditions and each node's report on the flag.
+fn render_conditions(state: &ClusterState) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let status = veil::reconcile::enable::conditions(state);
+    let _ = writeln!(
+        out,
+        "\n{:<18} {:<6} {:<6} {:<22} MESSAGE",
+        "CONDITION", "STATUS", "NODES", "REASON"
+    );
+    for c in &status.conditions {
+        let _ = writeln!(
+            out,
+            "{:<18} {:<6} {:<6} {:<22} {}",
+            c.type_,
+            c.status,
+            format!("{}/{}", c.ready_nodes, c.total_nodes),
+            c.reason,
+            c.message
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<8} {:<6} {:<10} {:<10} {:<10} {:<8} PLAINTEXT IN",
+        "NODE", "ENABLED", "READY", "ENCRYPTED", "PLAINTEXT", "DROPPED", "PEERS"
+    );
+    for name in state.nodes.keys() {
+        let a = state.announcements.get(name);
+        match a.and_then(|a| a.status.encryption.as_ref()) {
+            Some(e) => {
+                let _ = writeln!(
+                    out,
+                    "{name:<16} {:<8} {:<6} {:<10} {:<10} {:<10} {:<8} {}",
+                    e.enabled,
+                    e.ready,
+                    e.encrypted_peers,
+                    e.plaintext_peers,
+                    e.dropped_peers,
+                    a.map_or(0, |a| a.status.peers.len()),
+                    if e.accepts_plaintext {
+                        "accepted"
+                    } else {
+                        "refused"
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(out, "{name:<16} (no report)");
+            }
+        }
     }
     out
 }
@@ -820,6 +883,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        for (args, want) in [
+            (&["enable"][..], None),
+            (&["enable", "--strict"][..], Some(true)),
+            (&["enable", "--strict", "false"][..], Some(false)),
+            (&["enable", "--no-strict"][..], None),
+        ] {
+            match parse(args).unwrap().command {
+                Command::Enable { strict, no_strict } => {
+                    assert_eq!(strict, want, "{args:?}");
+                    assert_eq!(no_strict, args.contains(&"--no-strict"), "{args:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(parse(&["enable", "--strict", "--no-strict"]).is_err());
         // Neither --node nor --all, or both: refused.
         assert!(parse(&["keys", "rotate"]).is_err());
         assert!(parse(&["keys", "rotate", "--all", "--node", "n1"]).is_err());
@@ -887,6 +965,7 @@ mod tests {
                     status: NodeKeyStatus {
                         key_since: Some(1000),
                         peers: BTreeMap::new(),
+                        ..Default::default()
                     },
                 },
             );
@@ -894,6 +973,33 @@ mod tests {
         s.announcements.get_mut("n1").unwrap().status.peers = [("n2".to_string(), 2)].into();
         s.announcements.get_mut("n2").unwrap().status.peers = [("n1".to_string(), 1)].into();
         s
+    }
+
+    #[test]
+    fn conditions_rendering() {
+        let mut s = state();
+        s.config.encryption_enabled = true;
+        s.announcements.get_mut("n1").unwrap().status.encryption =
+            Some(veil::cluster::EncryptionStatus {
+                enabled: true,
+                ready: true,
+                accepts_plaintext: true,
+                encrypted_peers: 1,
+                ..Default::default()
+            });
+        let out = render_conditions(&s);
+        let ready = out
+            .lines()
+            .find(|l| l.starts_with("EncryptionReady"))
+            .unwrap_or_else(|| panic!("{out}"));
+        let total = s.nodes.len();
+        assert!(ready.contains(&format!("False  1/{total}")), "{out}");
+        assert!(out.contains("(no report)"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("n1") && l.contains("accepted")),
+            "{out}"
+        );
     }
 
     #[test]

@@ -118,6 +118,83 @@ pub struct VeilNodeStatus {
     /// Per peer: the generation of the peer's key this node uses.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub peer_generations: BTreeMap<String, u64>,
+    /// The node's stand on the cluster-wide enable flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<VeilNodeEncryptionStatus>,
+}
+
+/// `status.encryption` of a `VeilNode` (see [`crate::cluster::EncryptionStatus`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilNodeEncryptionStatus {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub ready: bool,
+    /// Absent means true: an agent that does not report it never refused plaintext.
+    #[serde(default = "yes")]
+    pub accepts_plaintext: bool,
+    #[serde(default)]
+    pub encrypted_peers: u32,
+    #[serde(default)]
+    pub plaintext_peers: u32,
+    #[serde(default)]
+    pub dropped_peers: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl From<&VeilNodeEncryptionStatus> for crate::cluster::EncryptionStatus {
+    fn from(s: &VeilNodeEncryptionStatus) -> Self {
+        Self {
+            enabled: s.enabled,
+            ready: s.ready,
+            accepts_plaintext: s.accepts_plaintext,
+            encrypted_peers: s.encrypted_peers,
+            plaintext_peers: s.plaintext_peers,
+            dropped_peers: s.dropped_peers,
+        }
+    }
+}
+
+impl From<&crate::cluster::EncryptionStatus> for VeilNodeEncryptionStatus {
+    fn from(s: &crate::cluster::EncryptionStatus) -> Self {
+        Self {
+            enabled: s.enabled,
+            ready: s.ready,
+            accepts_plaintext: s.accepts_plaintext,
+            encrypted_peers: s.encrypted_peers,
+            plaintext_peers: s.plaintext_peers,
+            dropped_peers: s.dropped_peers,
+        }
+    }
+}
+
+/// `status` of the `VeilClusterConfig`: how far the cluster has converged
+/// on `spec`, as conditions in the Kubernetes convention (`type`,
+/// `status` True/False, `reason`, `message`) plus the counts behind them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VeilClusterConfigStatus {
+    #[serde(default)]
+    pub conditions: Vec<ClusterCondition>,
+}
+
+/// One condition of [`VeilClusterConfigStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True` or `False`.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    /// How many nodes meet the condition, of how many.
+    pub ready_nodes: u32,
+    pub total_nodes: u32,
 }
 
 /// `veil.dev/v1alpha1 VeilNode`, cluster-scoped, named after the node.
@@ -511,6 +588,7 @@ impl TryFrom<&VeilNode> for Announcement {
             .map_or_else(NodeKeyStatus::default, |s| NodeKeyStatus {
                 key_since: s.key_since,
                 peers: s.peer_generations.clone(),
+                encryption: s.encryption.as_ref().map(Into::into),
             });
         Ok(Announcement {
             node,
@@ -565,6 +643,7 @@ impl From<&Announcement> for VeilNode {
             vn.status = Some(VeilNodeStatus {
                 key_since: a.status.key_since,
                 peer_generations: a.status.peers.clone(),
+                encryption: a.status.encryption.as_ref().map(Into::into),
             });
         }
         vn
