@@ -269,10 +269,18 @@ fn rotate_all_three_times_under_load() {
                     let (mut sent, mut lost) = (0u64, 0u64);
                     while !stop.load(Ordering::Relaxed) {
                         let t0 = std::time::Instant::now();
+                        let at = wall_clock();
                         let r = udp_sized(a, b.ip, 20, 256, &canary, Duration::from_secs(2), 0);
                         sent += 20;
                         if !r.ok {
                             lost += lost_in(&r.output, 20);
+                            // When, to match against the agents' logs.
+                            eprintln!(
+                                "udp batch from {at} lost datagrams: {} -> {}: {}",
+                                a.label(),
+                                b.label(),
+                                r.output.trim()
+                            );
                         }
                         if let Some(rest) = Duration::from_millis(200).checked_sub(t0.elapsed()) {
                             std::thread::sleep(rest);
@@ -308,6 +316,23 @@ fn rotate_all_three_times_under_load() {
         .iter()
         .fold((0, 0), |(s, l), (_, s1, l1)| (s + s1, l + l1));
     eprintln!("udp: {udp_results:?}");
+    // Where datagrams can be lost outside the engine: the TUN queue (TX
+    // drops of veil0) and the UDP sockets (buffer errors), per node.
+    for i in 1..=3u8 {
+        let ns = &f.topo.node(i).ns;
+        let link = ns.exec(&["ip", "-s", "link", "show", "veil0"]);
+        let snmp = ns.exec(&["cat", "/proc/net/snmp"]);
+        let udp: Vec<String> = String::from_utf8_lossy(&snmp.stdout)
+            .lines()
+            .filter(|l| l.starts_with("Udp:"))
+            .map(str::to_owned)
+            .collect();
+        eprintln!(
+            "node{i} veil0:\n{}\n{}",
+            String::from_utf8_lossy(&link.stdout),
+            udp.join("\n")
+        );
+    }
     assert!(sent > 0);
     assert!(
         lost * 1000 <= sent,
@@ -335,6 +360,39 @@ fn rotate_all_three_times_under_load() {
             );
         }
     }
+    // `veilctl keys status` shows, per node, which of its own key
+    // generations the live session with each peer uses: once the rotations
+    // have settled, every session is on the newest generation.
+    let expected: Vec<String> = (1..=3u8)
+        .map(|i| {
+            let g = announcement(&f, &f.topo.node(i).name).trust.generation;
+            let peers: Vec<String> = (1..=3u8)
+                .filter(|j| *j != i)
+                .map(|j| format!("{} gen {g} (current)", f.topo.node(j).name))
+                .collect();
+            format!("  sessions: {}", peers.join(", "))
+        })
+        .collect();
+    let mut last = String::new();
+    let settled = poll_until(Duration::from_secs(20), Duration::from_millis(500), || {
+        last = f.veilctl_ok(&["keys", "status"]);
+        let lines: Vec<&str> = last.lines().collect();
+        (1..=3u8)
+            .all(|i| {
+                let name = &f.topo.node(i).name;
+                lines
+                    .iter()
+                    .position(|l| l.starts_with(&format!("{name} ")))
+                    .and_then(|n| lines.get(n + 1))
+                    .is_some_and(|l| *l == expected[usize::from(i - 1)])
+            })
+            .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "keys status does not show every session on the current generation; want {expected:#?}, got:\n{last}"
+    );
+    eprintln!("keys status after the rotations:\n{last}");
     f.assert_agents_alive();
 }
 
@@ -524,4 +582,17 @@ fn lost_in(output: &str, batch: u64) -> u64 {
         (Some(r), Some(s)) => s.saturating_sub(r),
         _ => batch,
     }
+}
+
+/// Seconds since the epoch with milliseconds, as in the agents' log timestamps.
+fn wall_clock() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}.{:03} (UTC s of day {:.3})",
+        d.as_secs(),
+        d.subsec_millis(),
+        (d.as_secs_f64()) % 86_400.0
+    )
 }
