@@ -1231,7 +1231,7 @@ fn a_flood_of_unknown_initiations_is_bounded_and_answers_nobody() {
     sock.set_read_timeout(Some(Duration::from_millis(20)))
         .expect("timeout");
     let before = p.eb().counters();
-    let flood = 300u32;
+    let flood = 150u32;
     let mut buf = [0u8; 256];
     let mut sent = 0;
     for i in 0..flood {
@@ -1243,9 +1243,10 @@ fn a_flood_of_unknown_initiations_is_bounded_and_answers_nobody() {
                 .expect("send forged initiation");
             sent += 1;
         }
-        // Stay under B's handshake rate limit so each one is really held.
+        // Stay under B's handshake rate limit (200 per second, counted over
+        // boringtun's 1 s reset period) so each one is really held.
         if i % 10 == 9 {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     assert_eq!(sent, flood);
@@ -1259,15 +1260,23 @@ fn a_flood_of_unknown_initiations_is_bounded_and_answers_nobody() {
         "B held too few of the forged initiations: {:?}",
         p.eb().counters()
     );
-    // Nothing answered them: only configured keys get responses.
+    // No handshake response (message type 2) for any of them: only
+    // configured keys get one. (A cookie reply, type 3, is B's load
+    // protection at work, not an answer.)
     let mut reply = [0u8; 256];
-    assert!(
-        sock.recv(&mut reply).is_err(),
-        "B answered a key it does not know"
-    );
+    while let Ok(n) = sock.recv(&mut reply) {
+        assert_ne!(
+            reply.get(..4),
+            Some(&[2u8, 0, 0, 0][..]),
+            "B answered a key it does not know ({n} bytes)"
+        );
+    }
     assert_eq!(p.eb().counters().held_answered, before.held_answered);
 
-    // A real rotation right after the flood is still answered at once.
+    // A real rotation right after the flood is still answered at once. (Wait
+    // out the limiter's 1 s period first, or A would get a cookie reply and
+    // retry only after REKEY_TIMEOUT: the load protection, not what is tested.)
+    std::thread::sleep(Duration::from_millis(1100));
     let k1 = new_key();
     let held = p.eb().counters().initiations_held;
     p.ea().rotate_key(k1.clone(), Duration::from_secs(30));
