@@ -158,6 +158,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     disable_rp_filter(engine.tun_name());
     let previous_until = restore_previous_key(&store, &engine);
+    let previous_key = match store.load_previous_wireguard() {
+        Ok(Some(p)) if previous_until.is_some() => Some((p.key.public_key(), p.generation)),
+        _ => None,
+    };
 
     let identity = store
         .load_or_generate_identity()
@@ -221,6 +225,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         cert_problem: None,
         rotation_problem: None,
         previous_until,
+        previous_key,
         rotation_interval: None,
         interval_problem: None,
         transition: Transition::default(),
@@ -283,6 +288,9 @@ struct Node {
     rotation_problem: Option<String>,
     /// When the previous WireGuard key stops being needed.
     previous_until: Option<std::time::Instant>,
+    /// The previous WireGuard public key and its generation, while it may
+    /// still carry sessions (for the published session generations).
+    previous_key: Option<([u8; 32], u64)>,
     /// The last good `spec.keyRotation.interval` (`None`: only on request).
     rotation_interval: Option<Duration>,
     /// Why the configured interval is not used, as last logged.
@@ -499,6 +507,7 @@ impl Node {
                 .map(|(n, a)| (n.clone(), a.generation))
                 .collect(),
             encryption: self.encryption.clone(),
+            sessions: self.session_generations(desired),
         };
         let current = state.announcements.get(&self.cfg.node);
         if current == Some(&want) && self.published.as_ref() == Some(&want) {
@@ -521,6 +530,30 @@ impl Node {
             }
             Err(e) => error!("publishing this node's announcement: {e}"),
         }
+    }
+
+    /// Per peer node: the generation of our own key that the session carrying
+    /// our traffic to it was made with (see [`NodeKeyStatus::sessions`]).
+    fn session_generations(&self, desired: &Desired) -> BTreeMap<String, u64> {
+        let current = self.engine.public_key();
+        let by_key: BTreeMap<[u8; 32], &str> = desired
+            .peers
+            .values()
+            .map(|p| (p.public_key.0, p.node.as_str()))
+            .collect();
+        self.engine
+            .peer_stats()
+            .into_iter()
+            .filter_map(|s| {
+                let node = by_key.get(&s.public_key)?;
+                let generation = session_generation(
+                    s.session_key?,
+                    (current, self.generation),
+                    self.previous_key,
+                )?;
+                Some((node.to_string(), generation))
+            })
+            .collect()
     }
 
     /// Takes the configured rotation interval if it is not below the
@@ -563,7 +596,10 @@ impl Node {
             .is_some_and(|t| std::time::Instant::now() >= t)
         {
             match store.forget_previous_wireguard() {
-                Ok(_) => self.previous_until = None,
+                Ok(_) => {
+                    self.previous_until = None;
+                    self.previous_key = None;
+                }
                 Err(e) => error!("deleting the previous WireGuard key after its grace period: {e}"),
             }
         }
@@ -617,6 +653,7 @@ impl Node {
             .rotate_key(new.key.as_static_secret().clone(), ROTATION_GRACE);
         self.generation = new.generation;
         self.previous_until = Some(std::time::Instant::now() + ROTATION_GRACE);
+        self.previous_key = Some((old.key.public_key(), old.generation));
         self.rotation_problem = None;
         info!(
             old_generation = old.generation,
@@ -793,6 +830,19 @@ pub fn remote_entries(desired: &Desired) -> BTreeMap<IpNet, RemoteValue> {
     out
 }
 
+/// The generation of our key `session_key`: the current one or, during a
+/// grace period, the previous one; `None` for a key older than that.
+pub fn session_generation(
+    session_key: [u8; 32],
+    current: ([u8; 32], u64),
+    previous: Option<([u8; 32], u64)>,
+) -> Option<u64> {
+    if session_key == current.0 {
+        return Some(current.1);
+    }
+    previous.filter(|(k, _)| *k == session_key).map(|(_, g)| g)
+}
+
 /// Whether a key created at `created` is due for rotation at `now`. A key
 /// dated in the future (the clock went back) is not: rotating on every pass
 /// until the clock catches up would churn every peer's session.
@@ -933,6 +983,15 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn session_generation_names_current_or_previous_key() {
+        let (cur, prev, old) = ([1; 32], [2; 32], [3; 32]);
+        assert_eq!(session_generation(cur, (cur, 5), Some((prev, 4))), Some(5));
+        assert_eq!(session_generation(prev, (cur, 5), Some((prev, 4))), Some(4));
+        assert_eq!(session_generation(old, (cur, 5), Some((prev, 4))), None);
+        assert_eq!(session_generation(prev, (cur, 5), None), None);
     }
 
     #[test]

@@ -108,6 +108,11 @@ pub struct NodeKeyStatus {
     pub key_since: Option<u64>,
     /// Per peer name: the generation of that peer's key this node uses.
     pub peers: BTreeMap<String, u64>,
+    /// Per peer name: the generation of this node's own key with which the
+    /// live session that carries its traffic to that peer was made (no
+    /// entry: no session). During a rotation it shows which peers are still
+    /// on the previous generation.
+    pub sessions: BTreeMap<String, u64>,
     /// Where this node stands on the cluster-wide enable flag; `None` from
     /// an agent that does not report it.
     pub encryption: Option<EncryptionStatus>,

@@ -791,8 +791,33 @@ fn render_keys_status(
         if let Some(Err(reason)) = ok.and_then(|v| v.get(name)) {
             let _ = writeln!(out, "  REJECTED: {reason}");
         }
+        if let Some(line) = session_line(name, a, &veil) {
+            let _ = writeln!(out, "  {line}");
+        }
     }
     out
+}
+
+/// Which of `name`'s own key generations each of its peers' live sessions
+/// uses, as `name` reports it: `sessions: n2 gen 4 (current), n3 gen 3
+/// (previous)`. `None` for a node that reports no sessions at all (an
+/// external peer, or an agent that has not published them yet).
+fn session_line(name: &str, a: &Announcement, veil: &[String]) -> Option<String> {
+    if a.status.sessions.is_empty() {
+        return None;
+    }
+    let gen = a.trust.generation;
+    let parts: Vec<String> = veil
+        .iter()
+        .filter(|other| *other != name)
+        .map(|other| match a.status.sessions.get(other) {
+            Some(g) if *g == gen => format!("{other} gen {g} (current)"),
+            Some(g) if g.checked_add(1) == Some(gen) => format!("{other} gen {g} (previous)"),
+            Some(g) => format!("{other} gen {g} (old)"),
+            None => format!("{other} no session"),
+        })
+        .collect();
+    Some(format!("sessions: {}", parts.join(", ")))
 }
 
 fn set_encryption(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(), String> {
@@ -999,6 +1024,31 @@ mod tests {
             out.lines()
                 .any(|l| l.starts_with("n1") && l.contains("accepted")),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn keys_status_shows_session_generations() {
+        let mut s = state();
+        // n1 is at generation 2; its session with n2 still uses generation 1.
+        s.announcements.get_mut("n1").unwrap().status.sessions = [("n2".to_string(), 1)].into();
+        s.announcements.get_mut("n2").unwrap().status.sessions = [("n1".to_string(), 2)].into();
+        let out = render_keys_status(&s, None, 1060);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[1].starts_with("n1"), "{out}");
+        assert_eq!(lines[2], "  sessions: n2 gen 1 (previous)", "{out}");
+        assert!(lines[3].starts_with("n2"), "{out}");
+        assert_eq!(lines[4], "  sessions: n1 gen 2 (current)", "{out}");
+        s.announcements
+            .get_mut("n1")
+            .unwrap()
+            .status
+            .sessions
+            .clear();
+        let out = render_keys_status(&s, None, 1060);
+        assert!(
+            !out.contains("n1\n  sessions"),
+            "no line without sessions:\n{out}"
         );
     }
 

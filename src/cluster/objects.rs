@@ -118,6 +118,10 @@ pub struct VeilNodeStatus {
     /// Per peer: the generation of the peer's key this node uses.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub peer_generations: BTreeMap<String, u64>,
+    /// Per peer: the generation of this node's own key that the live session
+    /// with the peer was made with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub session_generations: BTreeMap<String, u64>,
     /// The node's stand on the cluster-wide enable flag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<VeilNodeEncryptionStatus>,
@@ -589,6 +593,7 @@ impl TryFrom<&VeilNode> for Announcement {
                 key_since: s.key_since,
                 peers: s.peer_generations.clone(),
                 encryption: s.encryption.as_ref().map(Into::into),
+                sessions: s.session_generations.clone(),
             });
         Ok(Announcement {
             node,
@@ -644,6 +649,7 @@ impl From<&Announcement> for VeilNode {
                 key_since: a.status.key_since,
                 peer_generations: a.status.peers.clone(),
                 encryption: a.status.encryption.as_ref().map(Into::into),
+                session_generations: a.status.sessions.clone(),
             });
         }
         vn
@@ -1048,6 +1054,7 @@ status:
         let mut ann = Announcement::from_signed(&signed);
         ann.status.key_since = Some(1_750_000_000);
         ann.status.peers.insert("n2".into(), 3);
+        ann.status.sessions.insert("n2".into(), 7);
         let text = serde_yaml::to_string(&VeilNode::from(&ann)).unwrap();
         // Readable: every field on its own line, times as plain integers.
         for field in [
@@ -1059,6 +1066,7 @@ status:
             "signature: ",
             "signer: Node",
             "keySince: 1750000000",
+            "sessionGenerations:",
         ] {
             assert!(text.contains(field), "{field} missing in:\n{text}");
         }

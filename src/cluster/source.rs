@@ -275,6 +275,7 @@ fn node_status(s: &NodeKeyStatus) -> VeilNodeStatus {
         key_since: s.key_since,
         peer_generations: s.peers.clone(),
         encryption: s.encryption.as_ref().map(Into::into),
+        session_generations: s.sessions.clone(),
     }
 }
 

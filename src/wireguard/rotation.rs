@@ -26,9 +26,10 @@ pub const PEER_REKEY_OVERLAP: Duration = Duration::from_secs(10);
 /// (our previous key and the peer's previous key), but back-to-back rotations
 /// on both sides (`veilctl keys rotate --all` three times within a second)
 /// stack one slot per key change on either side before any new handshake has
-/// completed: three rounds make six, plus the slot answering for our previous
-/// key.
-pub const MAX_RETIRING: usize = 8;
+/// completed: three rounds make six, plus one slot per round answering for
+/// our previous key towards the peer's new key: nine, measured in
+/// `rotate_all_three_times_under_load`, so some room above that.
+pub const MAX_RETIRING: usize = 12;
 
 /// Whether a session of this age (`None`: no session) can encrypt now.
 pub fn usable(age: Option<Duration>) -> bool {
@@ -140,6 +141,85 @@ pub fn should_push_handshake(
 /// start handshakes: they would only prolong a key that is going away.
 pub fn is_initiation(datagram: &[u8]) -> bool {
     datagram.get(..4) == Some(&[1, 0, 0, 0])
+}
+
+/// How long a handshake initiation from a key that is not (yet) a configured
+/// peer is held: less than REKEY_TIMEOUT, because after that the initiator has
+/// sent a new initiation and forgotten the state an answer to this one needs.
+pub const HELD_INITIATION_TTL: Duration = Duration::from_secs(3);
+
+/// Held initiations at most, engine-wide. Each is one datagram (148 bytes) plus
+/// its source. One per initiator key is enough: the initiator only accepts an
+/// answer to its latest initiation.
+pub const MAX_HELD_INITIATIONS: usize = 32;
+
+/// Initiations from static keys that are not configured peers yet, kept for
+/// [`HELD_INITIATION_TTL`] so they can be answered as soon as the key is
+/// configured (see "Key rotation" in the engine's module docs).
+///
+/// A rotating node starts handshakes with its new key at once, but its peers
+/// configure that key only after they read and verify its new announcement,
+/// a few hundred milliseconds later. Dropping the initiation made the
+/// initiator wait REKEY_TIMEOUT (5 s) before trying again.
+///
+/// Holding is not accepting: nothing is decrypted or answered for a key until
+/// the caller has configured it as a peer (the agent does so only for a
+/// verified announcement), and an answer only completes a handshake; data
+/// from that key still needs the peer entry. Memory is bounded by
+/// [`MAX_HELD_INITIATIONS`] whatever arrives: a flood of keys evicts the
+/// oldest entries, a flood from one key replaces its own entry.
+#[derive(Debug)]
+pub struct HeldInitiations<T> {
+    /// Oldest first.
+    entries: Vec<(Instant, [u8; 32], T)>,
+}
+
+impl<T> Default for HeldInitiations<T> {
+    fn default() -> Self {
+        HeldInitiations {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T> HeldInitiations<T> {
+    /// Holds `item`, the latest initiation from `key`, received at `now`.
+    /// Returns how many entries were evicted to make room (0 or 1).
+    pub fn hold(&mut self, key: [u8; 32], item: T, now: Instant) -> usize {
+        self.expire(now);
+        self.entries.retain(|(_, k, _)| *k != key);
+        let mut evicted = 0;
+        while self.entries.len() >= MAX_HELD_INITIATIONS {
+            self.entries.remove(0);
+            evicted += 1;
+        }
+        self.entries.push((now, key, item));
+        evicted
+    }
+
+    /// Takes the initiations, oldest first, whose key `configured` now
+    /// accepts; expired ones are dropped.
+    pub fn take(&mut self, configured: impl Fn(&[u8; 32]) -> bool, now: Instant) -> Vec<T> {
+        self.expire(now);
+        let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|(_, k, _)| configured(k));
+        self.entries = keep;
+        ready.into_iter().map(|(_, _, item)| item).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.entries
+            .retain(|(at, _, _)| now.saturating_duration_since(*at) < HELD_INITIATION_TTL);
+    }
 }
 
 #[cfg(test)]
@@ -263,5 +343,60 @@ mod tests {
         assert!(!is_initiation(&[4, 0, 0, 0]));
         assert!(!is_initiation(&[1, 0, 0]));
         assert!(!is_initiation(&[]));
+    }
+
+    #[test]
+    fn held_initiations_are_taken_once_their_key_is_configured() {
+        let t = Instant::now();
+        let mut h = HeldInitiations::default();
+        assert_eq!(h.hold([1; 32], "a1", t), 0);
+        assert_eq!(h.hold([2; 32], "b", t), 0);
+        // A newer initiation from the same key replaces the older one.
+        assert_eq!(h.hold([1; 32], "a2", t + Duration::from_millis(10)), 0);
+        assert_eq!(h.len(), 2);
+        assert!(h.take(|_| false, t).is_empty(), "nothing configured yet");
+        assert_eq!(h.take(|k| *k == [1; 32], t), vec!["a2"]);
+        assert_eq!(
+            h.take(|k| *k == [1; 32], t),
+            Vec::<&str>::new(),
+            "taken once"
+        );
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn held_initiations_expire() {
+        let t = Instant::now();
+        let mut h = HeldInitiations::default();
+        h.hold([1; 32], 1, t);
+        assert!(h.take(|_| true, t + HELD_INITIATION_TTL).is_empty());
+        assert!(h.is_empty());
+        h.hold([1; 32], 2, t);
+        let just_in_time = t + HELD_INITIATION_TTL - Duration::from_millis(1);
+        assert_eq!(h.take(|_| true, just_in_time), vec![2]);
+    }
+
+    #[test]
+    fn a_flood_of_unknown_keys_stays_bounded() {
+        let t = Instant::now();
+        let mut h = HeldInitiations::default();
+        let mut evicted = 0;
+        for i in 0..10_000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            evicted += h.hold(key, i, t);
+            assert!(h.len() <= MAX_HELD_INITIATIONS);
+        }
+        assert_eq!(h.len(), MAX_HELD_INITIATIONS);
+        assert_eq!(evicted, 10_000 - MAX_HELD_INITIATIONS);
+        // The newest survive, oldest first.
+        let all = h.take(|_| true, t);
+        let first = 10_000 - MAX_HELD_INITIATIONS as u32;
+        assert_eq!(all, (first..10_000).collect::<Vec<_>>());
+        // One key repeating itself holds one entry.
+        for _ in 0..100 {
+            h.hold([9; 32], 0, t);
+        }
+        assert_eq!(h.len(), 1);
     }
 }
