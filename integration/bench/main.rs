@@ -6,7 +6,7 @@
 //! ```text
 //! bash integration/bench/run.sh            # release build, full run, writes RESULTS.md
 //! cargo test --test bench                  # smoke: every configuration, ~1 s per figure
-//! cargo test --release --test bench -- --full [--out FILE] [--note TEXT] [--no-memory]
+//! cargo test --release --test bench -- --full [--out FILE] [--note TEXT] [--no-memory | --memory-only]
 //! ```
 //!
 //! Targets are printed, not asserted; but a configuration that does not work at
@@ -78,6 +78,8 @@ struct Plan {
     rr_count: u32,
     /// (nodes, pods per node) of the memory measurement; `None` skips it.
     memory: Option<(u8, u8)>,
+    /// Only the memory measurement (no throughput configurations).
+    memory_only: bool,
     out: Option<PathBuf>,
     note: Option<String>,
 }
@@ -102,6 +104,7 @@ impl Plan {
                 rounds: 3,
                 rr_count: 10_000,
                 memory: Some((100, 10)),
+                memory_only: false,
                 out: Some(
                     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("integration/bench/RESULTS.md"),
                 ),
@@ -115,6 +118,7 @@ impl Plan {
                 rounds: 1,
                 rr_count: 1_000,
                 memory: Some((4, 2)),
+                memory_only: false,
                 out: None,
                 note: None,
             }
@@ -125,6 +129,10 @@ impl Plan {
         plan.note = value("--note")?;
         if args.iter().any(|a| a == "--no-memory") {
             plan.memory = None;
+        }
+        plan.memory_only = args.iter().any(|a| a == "--memory-only");
+        if plan.memory_only && plan.memory.is_none() {
+            return Err("--memory-only and --no-memory leave nothing to measure".into());
         }
         Ok(plan)
     }
@@ -224,6 +232,9 @@ fn run_bench(plan: &Plan) {
     if gotatun.is_some() {
         kinds.push(Kind::Gotatun);
     }
+    if plan.memory_only {
+        kinds.clear();
+    }
     let mut setups = Vec::new();
     for &k in &kinds {
         checkpoint();
@@ -244,7 +255,8 @@ fn run_bench(plan: &Plan) {
         Figure::Rr,
     ];
     let mut results: Vec<ConfigResults> = kinds.iter().map(|_| ConfigResults::default()).collect();
-    for round in 1..=plan.rounds {
+    let rounds = if kinds.is_empty() { 0 } else { plan.rounds };
+    for round in 1..=rounds {
         for &f in &figures {
             for (i, setup) in setups.iter_mut().enumerate() {
                 checkpoint();

@@ -303,10 +303,40 @@ pub fn render(
             let _ = writeln!(md, "- agent memory: not measured in this run");
         }
     }
+    let _ = writeln!(md, "\n## Every run (in run order)\n");
+    let _ = writeln!(md, "| figure | configuration | runs |\n|---|---|---|");
+    for f in [
+        Figure::Tcp(1),
+        Figure::Tcp(4),
+        Figure::Udp(64),
+        Figure::Udp(1400),
+        Figure::Rr,
+    ] {
+        for (k, r) in kinds.iter().zip(results) {
+            let runs: Vec<String> = r
+                .of(f)
+                .map(|s| match f {
+                    Figure::Tcp(_) => format!("{:.2} Gbit/s", s.gbps),
+                    Figure::Udp(_) => format!("{:.1} kpps ({:.1} % loss)", s.pps / 1e3, s.loss_pct),
+                    Figure::Rr => format!("p50 {:.1} / p99 {:.1} µs", s.p50_us, s.p99_us),
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                f.label(),
+                k.label(),
+                runs.join(", ")
+            );
+        }
+    }
     let _ = writeln!(
         md,
         "\nUDP: iperf3 `-u -b 0 -l SIZE` (unlimited send rate), datagrams the receiver got per \
-         second, loss = 1 - received/sent. RR: `veil-probe rr-client`, sequential 64-byte \
+         second, loss = 1 - received/sent; a 1400-byte payload is a 1428-byte IP packet, above the \
+         1420-byte tunnel MTU, so every tunnel sends it as two underlay frames (wireguard-go and \
+         gotatun: the pod fragments after the node's ICMP fragmentation-needed; Veil: the \
+         encrypted datagram is fragmented, see ARCHITECTURE.md \"MTU without black holes\"). RR: `veil-probe rr-client`, sequential 64-byte \
          round trips on one TCP connection, Nagle off. CPU s/GB: busy time of all CPUs \
          (/proc/stat, so it includes iperf3 and anything else running) and utime+stime of \
          both nodes' engine processes (/proc/PID/stat), summed over the TCP runs, per GB \
