@@ -112,11 +112,11 @@ impl Userspace {
             Kind::WireguardGo => {
                 cmd.args(["-f", iface]).env("LOG_LEVEL", "error");
             }
-            // boringtun's CLI (which gotatun's is forked from) drops to "nobody"
-            // by default, which then cannot reopen the UAPI socket path under /var/run.
+            // gotatun-cli 0.10: `-f` foreground, log level from WG_LOG_LEVEL; as
+            // root it keeps its privileges anyway, the flag only makes that explicit.
             _ => {
                 cmd.args(["-f", "--disable-drop-privileges", iface])
-                    .env("RUST_LOG", "error");
+                    .env("WG_LOG_LEVEL", "error");
             }
         }
         let log = work.join(format!("{}-{iface}.log", kind.label()));
