@@ -16,6 +16,12 @@ use crate::harness::process::Bg;
 use crate::harness::topology::{Node, Pod, Topology, WG_PORT};
 use crate::harness::traffic::{canary, warm_up, Servers, PROBE_BIN};
 
+/// The `veil-probe` for the request/response figure: `VEIL_PROBE_BIN` when set
+/// (run.sh passes the release build), else this build's.
+pub fn probe_bin() -> String {
+    std::env::var("VEIL_PROBE_BIN").unwrap_or_else(|_| PROBE_BIN.to_string())
+}
+
 /// The iperf3 server port in the server pod.
 pub const IPERF_PORT: u16 = 5201;
 /// The request/response (`veil-probe rr-server`) port in the server pod.
@@ -305,7 +311,7 @@ impl Setup {
         bg.wait_for_log("Server listening", Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{e}"));
         self.servers.push(bg);
-        let mut rr = server.ns.cmd(PROBE_BIN);
+        let mut rr = server.ns.cmd(&probe_bin());
         rr.args(["rr-server", &RR_PORT.to_string()]);
         let log = self.work.path().join("rr-server.log");
         let mut bg = Bg::spawn("rr-server", rr, &log);

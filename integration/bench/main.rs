@@ -169,6 +169,25 @@ fn command_text(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Which build the engines and probes come from: the numbers mean little unless
+/// it is a release build (run.sh passes VEIL_AGENT_BIN / VEIL_PROBE_BIN).
+fn build_text() -> String {
+    let agent = harness::agent::agent_bin();
+    let probe = engines::probe_bin();
+    let release = |p: &str| p.contains("/release/");
+    let driver = if cfg!(debug_assertions) {
+        "test profile"
+    } else {
+        "release"
+    };
+    let kind = if release(&agent) && release(&probe) {
+        "release"
+    } else {
+        "NOT release (not representative)"
+    };
+    format!("{kind}: agent {agent}, probe {probe} (bench driver: {driver})")
+}
+
 fn machine(plan: &Plan, load_before: String) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -207,11 +226,7 @@ fn machine(plan: &Plan, load_before: String) -> Machine {
         },
         load_before,
         load_after: loadavg(),
-        profile: if cfg!(debug_assertions) {
-            "debug (test profile) — not representative"
-        } else {
-            "release"
-        },
+        profile: build_text(),
         plan: plan_text,
     }
 }

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::engines::{Setup, IPERF_PORT, RR_PORT};
+use crate::engines::{probe_bin, Setup, IPERF_PORT, RR_PORT};
 use crate::harness::poll_until;
 use crate::harness::process::create_file;
-use crate::harness::traffic::PROBE_BIN;
 
 /// What one figure measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +230,7 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
     let server_ip = setup.server().ip.to_string();
     let port = IPERF_PORT.to_string();
     let t = secs.to_string();
+    let probe = probe_bin();
     let mut argv: Vec<String> = Vec::new();
     match figure {
         Figure::Tcp(streams) => {
@@ -277,7 +277,7 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
         Figure::Rr => {
             argv.extend(
                 [
-                    PROBE_BIN,
+                    probe.as_str(),
                     "rr-client",
                     &server_ip,
                     &RR_PORT.to_string(),

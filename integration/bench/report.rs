@@ -79,7 +79,7 @@ pub struct Machine {
     pub commit: String,
     pub load_before: String,
     pub load_after: String,
-    pub profile: &'static str,
+    pub profile: String,
     pub plan: String,
 }
 
