@@ -5,7 +5,14 @@
 //! veil-probe udp-server PORT
 //! veil-probe tcp-client IP PORT --bytes N --canary STR [--timeout-ms T]
 //! veil-probe udp-client IP PORT --count N --canary STR --timeout-ms T [--size S] [--retries R]
+//! veil-probe rr-server PORT
+//! veil-probe rr-client IP PORT --count N [--size S] [--warmup W] [--timeout-ms T]
 //! ```
+//!
+//! `rr-client` is the benchmark's request/response latency probe: one TCP
+//! connection (Nagle off on both ends), `--count` sequential round trips of
+//! `--size` bytes against `rr-server` (or `tcp-server`), each reply checked; it
+//! prints the round-trip time percentiles in microseconds.
 //!
 //! Servers echo. Clients send payloads that carry the canary (so a capture on the
 //! underlay can prove it never saw it in the clear), check that every byte came back
@@ -40,7 +47,8 @@ fn main() -> ExitCode {
 fn usage() -> String {
     "usage: veil-probe tcp-server PORT | udp-server PORT | \
      tcp-client IP PORT --bytes N --canary STR [--timeout-ms T] | \
-     udp-client IP PORT --count N --canary STR --timeout-ms T [--size S] [--retries R]"
+     udp-client IP PORT --count N --canary STR --timeout-ms T [--size S] [--retries R] | \
+     rr-server PORT | rr-client IP PORT --count N [--size S] [--warmup W] [--timeout-ms T]"
         .to_string()
 }
 
@@ -48,6 +56,15 @@ fn run(args: &[String]) -> Result<(), String> {
     let (cmd, rest) = args.split_first().ok_or_else(usage)?;
     match cmd.as_str() {
         "tcp-server" => tcp_server(parse_port(rest.first())?),
+        "rr-server" => rr_server(parse_port(rest.first())?),
+        "rr-client" => {
+            let (addr, opts) = parse_target(rest)?;
+            let count: u32 = opts.required("--count")?;
+            let size: usize = opts.optional("--size", 64)?;
+            let warmup: u32 = opts.optional("--warmup", 100)?;
+            let timeout = Duration::from_millis(opts.optional("--timeout-ms", 30_000)?);
+            rr_client(addr, count, size, warmup, timeout)
+        }
         "udp-server" => udp_server(parse_port(rest.first())?),
         "tcp-client" => {
             let (addr, opts) = parse_target(rest)?;
@@ -428,5 +445,152 @@ fn udp_client(
             "{} of {count} datagrams did not come back",
             missing.len()
         ))
+    }
+}
+
+/// The echo server for `rr-client`: like `tcp-server`, with Nagle off, so a reply
+/// leaves as soon as it is written (the request/response latency must not include
+/// the 40 ms delayed-ACK interplay of Nagle's algorithm, RFC 896 / RFC 1122 4.2.3.2).
+fn rr_server(port: u16) -> Result<(), String> {
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind tcp port {port}: {e}"))?;
+    eprintln!("rr-server listening on {port}");
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                thread::spawn(move || {
+                    let r = stream.set_nodelay(true).and_then(|()| echo_tcp(stream));
+                    if let Err(e) = r {
+                        eprintln!("rr-server: connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => eprintln!("rr-server: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Largest request `rr-client` sends: one echo must fit the server's read buffer.
+const MAX_RR: usize = 64 * 1024;
+
+/// The request of round trip `seq`: its sequence number, then filler that
+/// depends on it, so a stale or misplaced reply is detected.
+fn rr_request(seq: u32, buf: &mut [u8]) {
+    let s = seq.to_be_bytes();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = if i < SEQ_LEN {
+            s[i]
+        } else {
+            (i as u8).wrapping_mul(7) ^ (seq as u8)
+        };
+    }
+}
+
+/// The `p`-th percentile (0..=100) of sorted samples, nearest-rank method.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn rr_client(
+    addr: SocketAddr,
+    count: u32,
+    size: usize,
+    warmup: u32,
+    timeout: Duration,
+) -> Result<(), String> {
+    if !(SEQ_LEN..=MAX_RR).contains(&size) {
+        return Err(format!("--size must be {SEQ_LEN}..={MAX_RR}, got {size}"));
+    }
+    if count == 0 {
+        return Err("--count must be at least 1".into());
+    }
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    // Short socket timeouts let the loop notice the overall deadline.
+    let tick = Some(Duration::from_millis(200));
+    stream.set_read_timeout(tick).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(tick).map_err(|e| e.to_string())?;
+    let mut req = vec![0u8; size];
+    let mut resp = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count as usize);
+    for seq in 0..warmup.saturating_add(count) {
+        rr_request(seq, &mut req);
+        let t = Instant::now();
+        let mut done = 0;
+        while done < size {
+            if Instant::now() > deadline {
+                return Err(format!("timed out sending round trip {seq}"));
+            }
+            match stream.write(&req[done..]) {
+                Ok(0) => return Err("connection closed while sending".into()),
+                Ok(k) => done += k,
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => return Err(format!("send round trip {seq}: {e}")),
+            }
+        }
+        let mut got = 0;
+        while got < size {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for reply {seq} ({got}/{size} bytes)"
+                ));
+            }
+            match stream.read(&mut resp[got..]) {
+                Ok(0) => return Err(format!("connection closed during round trip {seq}")),
+                Ok(k) => got += k,
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => return Err(format!("receive round trip {seq}: {e}")),
+            }
+        }
+        let rtt = t.elapsed();
+        if resp != req {
+            return Err(format!("reply {seq} does not match its request"));
+        }
+        if seq >= warmup {
+            samples.push(rtt);
+        }
+    }
+    samples.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let mean = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
+    println!(
+        "ok rr count={count} size={size} p50_us={:.1} p99_us={:.1} mean_us={mean:.1} max_us={:.1} secs={:.3}",
+        us(percentile(&samples, 50.0)),
+        us(percentile(&samples, 99.0)),
+        us(percentile(&samples, 100.0)),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_nearest_rank() {
+        let s: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&s, 50.0), Duration::from_micros(50));
+        assert_eq!(percentile(&s, 99.0), Duration::from_micros(99));
+        assert_eq!(percentile(&s, 100.0), Duration::from_micros(100));
+        assert_eq!(percentile(&s[..1], 99.0), Duration::from_micros(1));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn rr_requests_differ_per_round_trip() {
+        let (mut a, mut b) = (vec![0u8; 64], vec![0u8; 64]);
+        rr_request(1, &mut a);
+        rr_request(2, &mut b);
+        assert_ne!(a, b);
+        assert_eq!(&a[..SEQ_LEN], &1u32.to_be_bytes());
     }
 }

@@ -16,6 +16,12 @@ pub const VEILCTL_BIN: &str = env!("CARGO_BIN_EXE_veilctl");
 pub const CA_DIR: &str = "ca";
 pub const TUN_NAME: &str = "veil0";
 
+/// The `veil-agent` to run: `VEIL_AGENT_BIN` when set (the benchmark runs a
+/// release build of the agent from a test-profile driver), else this build's.
+pub fn agent_bin() -> String {
+    std::env::var("VEIL_AGENT_BIN").unwrap_or_else(|_| AGENT_BIN.to_string())
+}
+
 /// One agent, run inside its node's namespace; SIGKILLed on drop, and its log is
 /// printed if the test is failing.
 #[derive(Debug)]
@@ -78,7 +84,7 @@ impl Agent {
             self.node
         );
         let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns_name, AGENT_BIN])
+        cmd.args(["netns", "exec", &self.ns_name, &agent_bin()])
             .arg("--node")
             .arg(&self.node)
             .arg("--cluster-dir")

@@ -1,0 +1,380 @@
+//! The configurations the bench compares, each on its own copy of the harness
+//! topology (two node namespaces on an underlay bridge, one pod per node, pod
+//! MTU 1500, host-gw routes): plain routing, Veil (two `veil-agent`s on the file
+//! source, as the datapath tests run them), stock `wireguard-go`, and `gotatun`
+//! when its binary is installed. All of them stay up for the whole run, so the
+//! measurements can be interleaved round-robin without tearing anything down.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::agent::{wg_dump, Agent, VEILCTL_BIN};
+use crate::harness::cluster::ClusterDir;
+use crate::harness::poll_until;
+use crate::harness::process::Bg;
+use crate::harness::topology::{Node, Pod, Topology, WG_PORT};
+use crate::harness::traffic::{canary, warm_up, Servers, PROBE_BIN};
+
+/// The `veil-probe` for the request/response figure: `VEIL_PROBE_BIN` when set
+/// (run.sh passes the release build), else this build's.
+pub fn probe_bin() -> String {
+    std::env::var("VEIL_PROBE_BIN").unwrap_or_else(|_| PROBE_BIN.to_string())
+}
+
+/// The iperf3 server port in the server pod.
+pub const IPERF_PORT: u16 = 5201;
+/// The request/response (`veil-probe rr-server`) port in the server pod.
+pub const RR_PORT: u16 = 7003;
+/// Tunnel MTU for every WireGuard configuration: what the harness gives Veil
+/// (`--mtu 1420`) and wireguard-go's default, so all tunnels carry the same packets.
+pub const TUNNEL_MTU: &str = "1420";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Plain,
+    Veil,
+    WireguardGo,
+    Gotatun,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Plain => "plain",
+            Kind::Veil => "Veil",
+            Kind::WireguardGo => "wireguard-go",
+            Kind::Gotatun => "gotatun",
+        }
+    }
+}
+
+/// Where the `gotatun` binary is, if installed (`cargo install gotatun-cli`
+/// puts it in `~/.cargo/bin`, which a root shell's PATH may not include).
+pub fn find_gotatun() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GOTATUN_BIN") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.push(PathBuf::from("/root/.cargo/bin"));
+    dirs.into_iter()
+        .map(|d| d.join("gotatun"))
+        .find(|p| p.is_file())
+}
+
+/// A userspace WireGuard implementation speaking the cross-platform UAPI
+/// (wireguard-go, gotatun), run in the foreground in a node namespace and
+/// configured with `wg`, like `harness::wggo` but with any binary and quiet logs
+/// (verbose logging would cost the engine time during the measurement).
+#[derive(Debug)]
+struct Userspace {
+    iface: String,
+    ns_name: String,
+    public_key: String,
+    proc: Bg,
+}
+
+fn wg_with_stdin(args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("wg")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run wg {args:?}: {e}"));
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin.as_bytes())
+            .unwrap_or_else(|e| panic!("write to wg {args:?}: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for wg {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "wg {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl Userspace {
+    fn start(kind: Kind, bin: &Path, node: &Node, iface: &str, work: &Path) -> Self {
+        assert!(iface.len() <= 15, "interface name {iface:?} too long");
+        let private = wg_with_stdin(&["genkey"], "");
+        let public_key = wg_with_stdin(&["pubkey"], &private);
+        let key_file = work.join(format!("{iface}.key"));
+        std::fs::write(&key_file, format!("{private}\n"))
+            .unwrap_or_else(|e| panic!("write {}: {e}", key_file.display()));
+        let mut cmd = node.ns.cmd(&bin.to_string_lossy());
+        match kind {
+            Kind::WireguardGo => {
+                cmd.args(["-f", iface]).env("LOG_LEVEL", "error");
+            }
+            // gotatun-cli 0.10: `-f` foreground, log level from WG_LOG_LEVEL; as
+            // root it keeps its privileges anyway, the flag only makes that explicit.
+            _ => {
+                cmd.args(["-f", "--disable-drop-privileges", iface])
+                    .env("WG_LOG_LEVEL", "error");
+            }
+        }
+        let log = work.join(format!("{}-{iface}.log", kind.label()));
+        let mut proc = Bg::spawn(format!("{} {iface}", kind.label()), cmd, &log);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
+        let up = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            (sock.exists() || !proc.is_running()).then_some(())
+        });
+        assert!(
+            up.is_some() && proc.is_running(),
+            "{} {iface} did not come up (no UAPI socket {}):\n{}",
+            kind.label(),
+            sock.display(),
+            proc.log()
+        );
+        let key = key_file.to_string_lossy().into_owned();
+        let port = WG_PORT.to_string();
+        node.ns.exec_ok(&[
+            "wg",
+            "set",
+            iface,
+            "private-key",
+            &key,
+            "listen-port",
+            &port,
+        ]);
+        node.ns
+            .exec_ok(&["ip", "link", "set", iface, "mtu", TUNNEL_MTU, "up"]);
+        Self {
+            iface: iface.to_string(),
+            ns_name: node.ns.name().to_string(),
+            public_key,
+            proc,
+        }
+    }
+}
+
+impl Drop for Userspace {
+    fn drop(&mut self) {
+        self.proc.kill();
+        // SIGKILL leaves the UAPI socket behind; the name is unique to this run.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} -----\n{}\n----- end of log -----",
+                self.iface,
+                self.proc.log()
+            );
+        }
+    }
+}
+
+/// One configuration, up and verified. Fields drop in order: processes first,
+/// then files, then the namespaces.
+#[derive(Debug)]
+pub struct Setup {
+    pub kind: Kind,
+    servers: Vec<Bg>,
+    echo: Servers,
+    agents: Vec<Agent>,
+    userspace: Vec<Userspace>,
+    dir: Option<ClusterDir>,
+    pub topo: Topology,
+    work: tempfile::TempDir,
+}
+
+fn work_dir(kind: Kind) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("veil-bench-{}-", kind.label()))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("create work dir: {e}"))
+}
+
+/// `veilctl ca init --out dir`: the authority the agents trust.
+pub fn create_authority(dir: &Path) {
+    let out = Command::new(VEILCTL_BIN)
+        .args(["ca", "init", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run veilctl ca init: {e}"));
+    assert!(
+        out.status.success(),
+        "veilctl ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Setup {
+    /// Builds the topology and brings configuration `kind` up; panics (cleaning
+    /// up) when it does not work at all.
+    pub fn new(kind: Kind, gotatun: Option<&Path>) -> Self {
+        let topo = Topology::build(2, 1);
+        let work = work_dir(kind);
+        let mut s = Setup {
+            kind,
+            servers: Vec::new(),
+            echo: Servers::new(),
+            agents: Vec::new(),
+            userspace: Vec::new(),
+            dir: None,
+            topo,
+            work,
+        };
+        match kind {
+            // host-gw routes are what Topology builds: nothing to add.
+            Kind::Plain => {}
+            Kind::Veil => s.start_veil(),
+            Kind::WireguardGo => s.start_userspace(Path::new("wireguard-go")),
+            Kind::Gotatun => s.start_userspace(
+                gotatun.unwrap_or_else(|| panic!("gotatun requested but not installed")),
+            ),
+        }
+        s.start_servers();
+        // Handshakes done (and, for Veil, BPF steering in place) before anything is timed.
+        warm_up(
+            &[(s.client(), s.server())],
+            &canary(&format!("bench-{}", kind.label())),
+        );
+        s
+    }
+
+    fn start_veil(&mut self) {
+        let dir = ClusterDir::for_topology(&self.topo, true, true);
+        create_authority(&self.work.path().join(crate::harness::agent::CA_DIR));
+        for i in [1, 2] {
+            self.agents
+                .push(Agent::start(self.topo.node(i), &dir, self.work.path()));
+        }
+        for a in &mut self.agents {
+            a.wait_ready(&dir, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        for a in &self.agents {
+            a.wait_peers(1, Duration::from_secs(15))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        self.dir = Some(dir);
+    }
+
+    fn start_userspace(&mut self, bin: &Path) {
+        // One name per node: the UAPI socket path (/var/run/wireguard/<iface>.sock)
+        // is shared by all namespaces.
+        let iface = |i: u8| format!("{}w{i}", self.topo.prefix);
+        for i in [1, 2] {
+            let u = Userspace::start(
+                self.kind,
+                bin,
+                self.topo.node(i),
+                &iface(i),
+                self.work.path(),
+            );
+            self.userspace.push(u);
+        }
+        for (i, other) in [(1u8, 2u8), (2, 1)] {
+            let node = self.topo.node(i);
+            let peer = self.topo.node(other);
+            let key = &self.userspace[usize::from(other) - 1].public_key;
+            let endpoint = format!("{}:{WG_PORT}", peer.underlay_ip);
+            node.ns.exec_ok(&[
+                "wg",
+                "set",
+                &iface(i),
+                "peer",
+                key,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &peer.pod_cidr,
+            ]);
+            // Replaces the host-gw route: pod traffic to the other node goes
+            // through the tunnel.
+            node.ns
+                .exec_ok(&["ip", "route", "replace", &peer.pod_cidr, "dev", &iface(i)]);
+        }
+    }
+
+    fn start_servers(&mut self) {
+        let server = self.topo.pod(2, 0);
+        // Echo servers for warm_up (UDP) and sanity; iperf3 and rr-server for the figures.
+        self.echo.start_in(server, self.work.path());
+        self.echo.start_in(self.topo.pod(1, 0), self.work.path());
+        let mut iperf = server.ns.cmd("iperf3");
+        iperf.args(["-s", "-p", &IPERF_PORT.to_string(), "--forceflush"]);
+        let log = self.work.path().join("iperf3-server.log");
+        let mut bg = Bg::spawn("iperf3 server", iperf, &log);
+        bg.wait_for_log("Server listening", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.servers.push(bg);
+        let mut rr = server.ns.cmd(&probe_bin());
+        rr.args(["rr-server", &RR_PORT.to_string()]);
+        let log = self.work.path().join("rr-server.log");
+        let mut bg = Bg::spawn("rr-server", rr, &log);
+        bg.wait_for_log("listening on", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.servers.push(bg);
+    }
+
+    pub fn client(&self) -> &Pod {
+        self.topo.pod(1, 0)
+    }
+
+    pub fn server(&self) -> &Pod {
+        self.topo.pod(2, 0)
+    }
+
+    pub fn work(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// The WireGuard engine processes (one per node); empty for plain routing.
+    pub fn engine_pids(&self) -> Vec<u32> {
+        match self.kind {
+            Kind::Plain => Vec::new(),
+            Kind::Veil => self.agents.iter().filter_map(Agent::pid).collect(),
+            _ => self.userspace.iter().map(|u| u.proc.pid()).collect(),
+        }
+    }
+
+    /// Bytes the server node's engine has received through its tunnel (the
+    /// `transfer-rx` of its peers in `wg show dump`): proves the measured traffic
+    /// was encrypted and not carried by the host-gw routes. `None` for plain.
+    pub fn tunnel_rx_bytes(&self) -> Option<u64> {
+        let dump = match self.kind {
+            Kind::Plain => return None,
+            Kind::Veil => self.agents[1].wg_dump(),
+            _ => {
+                let u = &self.userspace[1];
+                wg_dump(&u.ns_name, &u.iface)
+            }
+        };
+        let dump = dump.unwrap_or_else(|e| {
+            panic!(
+                "{}: cannot read the tunnel counters: {e}",
+                self.kind.label()
+            )
+        });
+        Some(dump.peers.iter().map(|p| p.rx_bytes).sum())
+    }
+
+    /// Panics, with the engine logs, if an engine process has died.
+    pub fn assert_alive(&mut self) {
+        for a in &mut self.agents {
+            assert!(a.is_running(), "veil-agent {} died:\n{}", a.node, a.log());
+        }
+        for u in &mut self.userspace {
+            assert!(
+                u.proc.is_running(),
+                "{} on {} died:\n{}",
+                self.kind.label(),
+                u.ns_name,
+                u.proc.log()
+            );
+        }
+    }
+}

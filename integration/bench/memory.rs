@@ -1,0 +1,145 @@
+//! Issue 6 item 3: the agent's memory with a large cluster in its state and no
+//! traffic. One node namespace runs the measured agent (with its own pods as real
+//! namespaces); the other nodes exist only as objects in the cluster directory:
+//! a `Node`, their `Pod`s, and a `VeilNode` announcement signed the way a real
+//! agent signs its own (a node identity key certified by the cluster authority,
+//! `veilctl node approve`), so the measured agent accepts every one as a peer.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use veil::cluster::file::FileSource;
+use veil::cluster::trust::load_authority;
+use veil::cluster::Announcement;
+
+use crate::engines::create_authority;
+use crate::harness::agent::{Agent, CA_DIR};
+use crate::harness::cluster::{pod_object, ClusterDir};
+use crate::harness::poll_until;
+use crate::harness::topology::{Topology, POD_NAMESPACE, WG_PORT};
+use crate::measure::status_kib;
+
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryResult {
+    pub nodes: u32,
+    pub pods: u32,
+    pub peers: usize,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    pub converge: Duration,
+}
+
+/// Node `k`'s underlay address: 198.18.0.0/15, the benchmarking range, only
+/// ever configured inside namespaces this run made (node 1's). Nodes 2.. are
+/// never contacted: no traffic flows, so no handshake is ever started.
+fn underlay_ip(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, (k / 250) as u8, (k % 250) as u8)
+}
+
+/// Measures the agent on node 1 of a cluster of `nodes` nodes x `pods_per_node` pods.
+pub fn measure(nodes: u8, pods_per_node: u8) -> MemoryResult {
+    assert!(nodes >= 2, "the memory bench needs peers");
+    let topo = Topology::build(1, pods_per_node);
+    let dir = ClusterDir::new();
+    let work = tempfile::Builder::new()
+        .prefix("veil-bench-memory-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("create work dir: {e}"));
+    let ca = work.path().join(CA_DIR);
+    create_authority(&ca);
+    let authority = load_authority(&ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+
+    dir.add_namespace(
+        POD_NAMESPACE,
+        &[("kubernetes.io/metadata.name", POD_NAMESPACE)],
+    );
+    let me = topo.node(1);
+    dir.add_node(&me.name, &me.pod_cidr, &me.underlay_ip.to_string());
+    for p in &topo.pods {
+        dir.add_topology_pod(&topo, p.node, p.slot);
+    }
+    let now = keymgr::unix_now();
+    let publisher = FileSource::new(dir.path());
+    for k in 2..=u32::from(nodes) {
+        let name = format!("node{k}");
+        let cidr = format!("10.244.{k}.0/24");
+        dir.add_node(&name, &cidr, &underlay_ip(k).to_string());
+        let pods: Vec<Value> = (0..u32::from(pods_per_node))
+            .map(|j| {
+                // Ten apps across the cluster, so identities repeat as in real clusters.
+                let app = format!("app{}", (k + j) % 10);
+                pod_object(
+                    POD_NAMESPACE,
+                    &format!("pod-{k}-{j}"),
+                    &[("app", &app), ("veil.dev/test", "yes")],
+                    &name,
+                    &format!("10.244.{k}.{}", 10 + j),
+                )
+            })
+            .collect();
+        dir.write_objects(&format!("pods-{name}.yaml"), &pods);
+
+        let identity = keymgr::IdentityKey::generate();
+        let not_before = now.saturating_sub(keymgr::DEFAULT_CLOCK_SKEW_SECS);
+        let not_after = now + 86_400;
+        let cert = authority
+            .certify(&name, identity.public_key(), not_before, not_after)
+            .unwrap_or_else(|e| panic!("certify {name}: {e}"));
+        let wg = keymgr::WireGuardPrivateKey::generate();
+        let body = keymgr::AnnouncementBody {
+            node: name.clone(),
+            wireguard_key: wg.public_key(),
+            generation: 1,
+            listen_port: WG_PORT,
+            pod_cidrs: vec![cidr.parse().unwrap_or_else(|e| panic!("CIDR {cidr}: {e}"))],
+            endpoint: None::<SocketAddr>,
+            not_before,
+            not_after,
+        };
+        let signed = keymgr::SignedAnnouncement::sign_by_node(body, &identity, cert)
+            .unwrap_or_else(|e| panic!("sign announcement of {name}: {e}"));
+        publisher
+            .publish_announcement(&Announcement::from_signed(&signed))
+            .unwrap_or_else(|e| panic!("publish announcement of {name}: {e}"));
+    }
+    dir.set_config(true, true);
+
+    let start = Instant::now();
+    let mut agent = Agent::start(me, &dir, work.path());
+    agent
+        .wait_ready(&dir, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let peers = usize::from(nodes) - 1;
+    let dump = agent
+        .wait_peers(peers, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("memory bench: {e}"));
+    let converge = start.elapsed();
+    let pid = agent
+        .pid()
+        .unwrap_or_else(|| panic!("memory bench: the agent is not running"));
+    // Settled: RSS unchanged for a second (reconcile passes and the first
+    // timers are over), or whatever it is after 20 s.
+    let mut last = 0;
+    let _ = poll_until(Duration::from_secs(20), Duration::from_secs(1), || {
+        let now = status_kib(pid, "VmRSS")?;
+        let settled = now == last;
+        last = now;
+        settled.then_some(())
+    });
+    assert!(
+        agent.is_running(),
+        "memory bench: the agent died:\n{}",
+        agent.log()
+    );
+    let rss_kib = status_kib(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for {pid}"));
+    let hwm_kib = status_kib(pid, "VmHWM").unwrap_or_else(|| panic!("no VmHWM for {pid}"));
+    MemoryResult {
+        nodes: u32::from(nodes),
+        pods: u32::from(nodes) * u32::from(pods_per_node),
+        peers: dump.peers.len(),
+        rss_kib,
+        hwm_kib,
+        converge,
+    }
+}
