@@ -840,7 +840,7 @@ fn check_daemonset(dir: &str, d: &Deployment) {
         "{dir}: must run on every node, tainted or not"
     );
 
-    // Capabilities: exactly NET_ADMIN and BPF, everything else dropped.
+    // Capabilities: exactly NET_ADMIN, BPF and PERFMON, everything else dropped.
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.privileged, Some(false), "{dir}");
     assert_eq!(sc.allow_privilege_escalation, Some(false), "{dir}");
@@ -853,7 +853,7 @@ fn check_daemonset(dir: &str, d: &Deployment) {
     let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
     assert_eq!(
         added,
-        ["BPF", "NET_ADMIN"].map(String::from).into(),
+        ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into(),
         "{dir}: capabilities"
     );
 
@@ -1404,7 +1404,8 @@ fn cap_bit(name: &str) -> u64 {
     }
 }
 
-/// The claim in the DaemonSet's comments: NET_ADMIN and BPF are enough. The
+/// The claim in the DaemonSet's comments: NET_ADMIN, BPF and PERFMON are
+/// enough (without PERFMON the verifier refuses `from_pod`). The
 /// agent runs as root with its bounding set cut to the DaemonSet's list (as
 /// a container runtime does), on a 2-node cluster in strict mode: it must
 /// load and attach its BPF programs, bring up WireGuard with a normal peer
