@@ -271,8 +271,8 @@ fn crds_have_scope_subresources_and_printer_columns() {
         ("VeilPolicy", "veilpolicies", "Namespaced", false),
     ];
     assert_eq!(
-        crds.keys().collect::<BTreeSet<_>>(),
-        expected.iter().map(|e| &e.0).collect::<BTreeSet<_>>()
+        crds.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        expected.iter().map(|e| e.0).collect::<BTreeSet<_>>()
     );
     for (kind, plural, scope, status) in expected {
         let (crd, schema) = &crds[kind];
@@ -591,8 +591,8 @@ fn cel_rules_are_sane_bounded_and_where_expected() {
     let (_, node) = &crds["VeilNode"];
     let port = lookup(node, &["spec", "listenPort"]).expect("listenPort");
     assert_eq!(
-        (port["minimum"].as_u64(), port["maximum"].as_u64()),
-        (Some(1), Some(65535))
+        (port["minimum"].as_f64(), port["maximum"].as_f64()),
+        (Some(1.0), Some(65535.0))
     );
     let key = lookup(node, &["spec", "publicKey"]).expect("publicKey");
     assert!(key["pattern"].as_str().is_some_and(|p| p.contains("{43}=")));
