@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod crd;
 pub mod datapath;
 pub mod identity;
 pub mod metrics;

@@ -177,7 +177,39 @@ pub struct Policy {
 
 /// `spec` of a `VeilPolicy`. The rule types are NetworkPolicy's, so the
 /// selectors, peers and ports read (and validate) exactly the same.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// The CRD is derived from this type (`VeilPolicyCrd` is the kube-derive
+/// root); `crate::crd::veil_policy_rules` adds the port and CIDR rules.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Default,
+    Serialize,
+    Deserialize,
+    kube::CustomResource,
+    schemars::JsonSchema,
+)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "VeilPolicy",
+    root = "VeilPolicyCrd",
+    namespaced,
+    shortname = "vp",
+    category = "veil",
+    doc = "NetworkPolicy's selectors and rules plus deny rules and requireEncryption, enforced by Veil in eBPF on the pods of its namespace.",
+    printcolumn(
+        name = "Encrypted only",
+        type_ = "boolean",
+        json_path = ".spec.requireEncryption"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[schemars(transform = crate::crd::veil_policy_rules)]
 #[serde(rename_all = "camelCase")]
 pub struct VeilPolicySpec {
     #[serde(default)]

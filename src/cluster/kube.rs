@@ -46,8 +46,11 @@ use super::{
     Announcement, ClusterConfig, ClusterState, Diagnostic, NamespaceInfo, NodeInfo, Object, PodInfo,
 };
 
+mod access;
 #[cfg(test)]
 mod tests;
+
+pub use access::{ApiAccess, API_ACCESS};
 
 /// `Diagnostic::source` of everything this source reports.
 pub const DIAGNOSTIC_SOURCE: &str = "kube";

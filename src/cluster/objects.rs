@@ -12,6 +12,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -67,22 +69,99 @@ pub enum ObjectError {
 }
 
 /// `spec` of a `VeilNode`: a node's announcement of how to reach it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+///
+/// The CRD (`crds/veilnodes.yaml`, written by `crdgen`) is derived from this
+/// type; `VeilNodeCrd` is kube-derive's typed root for it, while [`VeilNode`]
+/// stays the plain serde type the sources read. Both share this spec and
+/// [`VeilNodeStatus`], so the schema is exactly the fields the agent reads.
+/// The schema's rules reject in the API server what [`Announcement::try_from`]
+/// would skip later: CIDRs, ports, endpoint and key shapes.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, CustomResource, JsonSchema,
+)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "VeilNode",
+    root = "VeilNodeCrd",
+    status = "VeilNodeStatus",
+    shortname = "vn",
+    category = "veil",
+    doc = "A node's signed announcement of its WireGuard key, port, pod CIDRs and endpoint; named after the node and written only by that node's agent.",
+    printcolumn(
+        name = "Key generation",
+        type_ = "integer",
+        json_path = ".spec.generation"
+    ),
+    printcolumn(name = "Pod CIDRs", type_ = "string", json_path = ".spec.podCIDRs"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".spec.endpoint"),
+    printcolumn(
+        name = "Signer",
+        type_ = "string",
+        json_path = ".spec.signer",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Public key",
+        type_ = "string",
+        json_path = ".spec.publicKey",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.notBefore) || !has(self.notAfter) || self.notAfter > self.notBefore",
+        "message": "notAfter must be later than notBefore",
+    },
+]))]
 pub struct VeilNodeSpec {
     /// The node's WireGuard public key, base64.
+    #[schemars(regex(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub public_key: String,
     /// UDP port of the node's WireGuard engine; [`DEFAULT_LISTEN_PORT`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub listen_port: Option<u16>,
     /// The pod CIDRs the node asks its peers to accept from it.
     #[serde(rename = "podCIDRs", default)]
+    #[schemars(
+        length(max = 16),
+        inner(length(max = 64)),
+        extend("x-kubernetes-validations" = [
+            {
+                "rule": "self.all(c, isCIDR(c))",
+                "message": "every entry must be a CIDR such as 10.244.1.0/24 or fd00:10:244:1::/64",
+            },
+        ])
+    )]
     pub pod_cidrs: Vec<String>,
     /// `ip:port` when the Node's InternalIP is not the address to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        // `ip:port`, IPv6 as `[addr]:port` (what `SocketAddr` parses):
+        // the host is what precedes the last `:`, without its brackets.
+        extend("x-kubernetes-validations" = [
+            {
+                "rule": "self.lastIndexOf(':') > 0 && isIP(self.startsWith('[') && self.substring(0, self.lastIndexOf(':')).endsWith(']') ? self.substring(1, self.lastIndexOf(':') - 1) : self.substring(0, self.lastIndexOf(':')))",
+                "message": "must be ip:port with an IP address (IPv6 as [addr]:port)",
+            },
+            {
+                "rule": "self.lastIndexOf(':') < 0 || (self.substring(self.lastIndexOf(':') + 1).matches('^[0-9]{1,5}$') && int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535)",
+                "message": "the port after the last ':' must be 1-65535",
+            },
+        ])
+    )]
     pub endpoint: Option<String>,
     /// Generation of `publicKey` (1 for a node's first key, +1 per rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub generation: Option<u64>,
     /// Validity of this announcement, in seconds since the Unix epoch (UTC).
     /// Integers rather than RFC 3339: they are exactly what is signed, so
@@ -104,12 +183,13 @@ pub struct VeilNodeSpec {
     /// `Node` (the certified identity key signed) or `Authority` (an
     /// external WireGuard peer enrolled with `veilctl peer add`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Node", "Authority"]))]
     pub signer: Option<String>,
 }
 
 /// `status` of a `VeilNode`: progress information written by the node's
 /// agent. Unsigned and never used for routing.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VeilNodeStatus {
     /// When the current WireGuard key was first announced (unix seconds).
@@ -128,7 +208,7 @@ pub struct VeilNodeStatus {
 }
 
 /// `status.encryption` of a `VeilNode` (see [`crate::cluster::EncryptionStatus`]).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VeilNodeEncryptionStatus {
     #[serde(default)]
@@ -179,7 +259,7 @@ impl From<&crate::cluster::EncryptionStatus> for VeilNodeEncryptionStatus {
 /// `status` of the `VeilClusterConfig`: how far the cluster has converged
 /// on `spec`, as conditions in the Kubernetes convention (`type`,
 /// `status` True/False, `reason`, `message`) plus the counts behind them.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VeilClusterConfigStatus {
     #[serde(default)]
@@ -187,7 +267,7 @@ pub struct VeilClusterConfigStatus {
 }
 
 /// One condition of [`VeilClusterConfigStatus`].
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterCondition {
     #[serde(rename = "type")]
@@ -234,7 +314,7 @@ impl VeilNode {
 }
 
 /// `spec.encryption` of the `VeilClusterConfig`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionSpec {
     /// Off when absent: enabling encryption is an explicit cluster decision.
@@ -245,8 +325,28 @@ pub struct EncryptionSpec {
     pub strict: Option<bool>,
 }
 
-/// `spec` of the `VeilClusterConfig`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// `spec` of the `VeilClusterConfig`. Its CRD is derived from this type like
+/// [`VeilNodeSpec`]'s (`VeilClusterConfigCrd` is the kube-derive root); the
+/// API server admits only the name `default`, the only one the agent reads.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, CustomResource, JsonSchema,
+)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "VeilClusterConfig",
+    root = "VeilClusterConfigCrd",
+    status = "VeilClusterConfigStatus",
+    shortname = "vcc",
+    category = "veil",
+    doc = "Cluster-wide Veil settings: the encryption enable flag, strict mode, the cluster pod ranges and key rotation. Only the object named `default` exists.",
+    validation = Rule::new("self.metadata.name == 'default'").message("the only VeilClusterConfig is named `default`"),
+    printcolumn(name = "Enabled", type_ = "boolean", json_path = ".spec.encryption.enabled"),
+    printcolumn(name = "Strict", type_ = "boolean", json_path = ".spec.encryption.strict"),
+    printcolumn(name = "Ready nodes", type_ = "integer", json_path = ".status.readyNodes"),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.totalNodes"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct VeilClusterConfigSpec {
     #[serde(default)]
@@ -257,18 +357,30 @@ pub struct VeilClusterConfigSpec {
         rename = "clusterPodCIDRs",
         skip_serializing_if = "Vec::is_empty"
     )]
+    #[schemars(
+        length(max = 16),
+        inner(length(max = 64)),
+        extend("x-kubernetes-validations" = [
+            {
+                "rule": "self.all(c, isCIDR(c))",
+                "message": "every entry must be a CIDR such as 10.244.0.0/16",
+            },
+        ])
+    )]
     pub cluster_pod_cidrs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_rotation: Option<KeyRotationSpec>,
 }
 
 /// `spec.keyRotation` of the `VeilClusterConfig`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRotationSpec {
     /// Rotate each node's WireGuard key when it is older than this, e.g.
     /// `24h`; absent: rotate only on `veilctl keys rotate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // The shape [`parse_interval`] accepts (its range checks stay in Rust).
+    #[schemars(length(max = 32), regex(pattern = "^([0-9]+[smhd])+$"))]
     pub interval: Option<String>,
 }
 
