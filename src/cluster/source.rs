@@ -210,12 +210,10 @@ impl Source {
     pub async fn delete_identity(&self, id: Identity, key: &IdentityKey) -> Result<bool, Error> {
         match self {
             Source::File { source, .. } => {
-                source
-                    .delete_identity(id, key)
-                    .map_err(|e| Error::File {
-                        dir: source.dir().to_path_buf(),
-                        source: e,
-                    })
+                source.delete_identity(id, key).map_err(|e| Error::File {
+                    dir: source.dir().to_path_buf(),
+                    source: e,
+                })
             }
             Source::Kube { source, .. } => Ok(source.delete_identity(id, key).await?),
         }
