@@ -47,6 +47,7 @@ use super::{
 };
 
 mod access;
+pub mod ctl;
 #[cfg(test)]
 mod tests;
 
