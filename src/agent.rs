@@ -205,6 +205,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let source = Source::open(&cfg.source).await?;
     info!(source = source.kind(), "cluster source open");
+    // Kube mode: every agent keeps VeilClusterConfig.status current (see
+    // ARCHITECTURE.md, "Who writes VeilClusterConfig.status").
+    let cluster_status = source
+        .kube_source()
+        .map(crate::cluster::kube::ctl::ClusterStatusWriter::start);
 
     let mut node = Node {
         cfg: cfg.clone(),
@@ -247,6 +252,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let pass = if node.source.synced() {
             identities.step(&mut node.source, &mut state).await;
             node.reconcile(&state, diags).await;
+            if let Some(writer) = &cluster_status {
+                writer.update(&state);
+            }
             observe::Pass::Reconciled {
                 errors: cfg.error_count.get().saturating_sub(errors_before),
             }

@@ -24,8 +24,14 @@ use veil::reconcile::{verify_announcement, TrustContext};
 )]
 struct Cli {
     /// Directory of Kubernetes objects as YAML (the file cluster source).
-    #[arg(long, env = "VEIL_CLUSTER_DIR", global = true, default_value = ".")]
-    cluster_dir: PathBuf,
+    /// Without it (and for commands other than status/enable/disable: `.`),
+    /// `status`, `enable` and `disable` use the Kubernetes API.
+    #[arg(long, env = "VEIL_CLUSTER_DIR", global = true)]
+    cluster_dir: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API. Default: the in-cluster service
+    /// account, then $KUBECONFIG or ~/.kube/config (as kubectl).
+    #[arg(long, env = "VEIL_KUBECONFIG", global = true)]
+    kubeconfig: Option<PathBuf>,
     /// The cluster authority's public key file: lets `status`, `keys status`
     /// and `peer config` check every announcement's signature.
     #[arg(long, env = "VEIL_AUTHORITY_PUBLIC_KEY", global = true)]
@@ -173,8 +179,15 @@ const CONFIG_FILE: &str = "veilclusterconfig.yaml";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let dir = cli.cluster_dir.as_path();
     let authority = cli.authority_public_key.as_deref();
+    if let Some(result) = kube_mode(&cli) {
+        return exit(result);
+    }
+    let dir_buf = cli
+        .cluster_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = dir_buf.as_path();
     let result = match cli.command {
         Command::Status => status(dir, authority),
         Command::Enable { strict, no_strict } => {
@@ -230,6 +243,10 @@ fn main() -> ExitCode {
             }
         }
     };
+    exit(result)
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -239,13 +256,76 @@ fn main() -> ExitCode {
     }
 }
 
+/// `status`, `enable` and `disable` against the Kubernetes API when no
+/// `--cluster-dir` is given (veil-agent's rule); `None` for file mode.
+fn kube_mode(cli: &Cli) -> Option<Result<(), String>> {
+    use veil::cluster::kube::ctl;
+    let kube_command = matches!(
+        cli.command,
+        Command::Status | Command::Enable { .. } | Command::Disable
+    );
+    if cli.cluster_dir.is_some() {
+        if kube_command && cli.kubeconfig.is_some() {
+            return Some(Err(
+                "--kubeconfig is for the Kubernetes API; --cluster-dir selects the file source"
+                    .into(),
+            ));
+        }
+        return None;
+    }
+    if !kube_command {
+        return None;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Some(Err(format!("starting the async runtime: {e}"))),
+    };
+    let authority = cli.authority_public_key.as_deref();
+    Some(runtime.block_on(async {
+        let client = veil::cluster::source::kube_client(cli.kubeconfig.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (enabled, strict) = match &cli.command {
+            Command::Enable { strict, no_strict } => {
+                (true, if *no_strict { Some(false) } else { *strict })
+            }
+            Command::Disable => (false, None),
+            _ => {
+                let (state, diags) = ctl::load_state(&client).await.map_err(|e| e.to_string())?;
+                return print_status(&state, diags, authority);
+            }
+        };
+        let set = ctl::set_encryption(&client, enabled, strict)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "encryption {} (strict {}) in VeilClusterConfig/{CLUSTER_CONFIG_NAME}",
+            if set.enabled { "enabled" } else { "disabled" },
+            if set.strict { "on" } else { "off" },
+        );
+        Ok(())
+    }))
+}
+
 fn status(dir: &Path, authority: Option<&Path>) -> Result<(), String> {
-    let (state, mut diags) = load(dir)?;
-    print!("{}", render_status(&state));
-    print!("{}", render_conditions(&state));
+    let (state, diags) = load(dir)?;
+    print_status(&state, diags, authority)
+}
+
+/// The status report of both modes.
+fn print_status(
+    state: &ClusterState,
+    mut diags: Vec<veil::cluster::Diagnostic>,
+    authority: Option<&Path>,
+) -> Result<(), String> {
+    print!("{}", render_status(state));
+    print!("{}", render_conditions(state));
     if let Some(path) = authority {
         let authority = read_authority(path)?;
-        for (name, verdict) in verdicts(&state, &authority) {
+        for (name, verdict) in verdicts(state, &authority) {
             if let Err(reason) = verdict {
                 let source = state
                     .origins
@@ -882,6 +962,30 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("veilctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn kube_mode_only_without_cluster_dir() {
+        let both = parse(&[
+            "veilctl",
+            "--cluster-dir",
+            "/x",
+            "--kubeconfig",
+            "k",
+            "status",
+        ])
+        .expect("parses");
+        let err = kube_mode(&both)
+            .expect("refused")
+            .expect_err("contradiction");
+        assert!(err.contains("--kubeconfig"), "{err}");
+        let file = parse(&["veilctl", "--cluster-dir", "/x", "enable"]).expect("parses");
+        assert!(kube_mode(&file).is_none());
+        let other = parse(&["veilctl", "keys", "status"]).expect("parses");
+        assert!(
+            other.cluster_dir.is_some() || kube_mode(&other).is_none(),
+            "commands other than status/enable/disable stay on the file source"
+        );
     }
 
     #[test]

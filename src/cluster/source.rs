@@ -188,6 +188,15 @@ impl Source {
         while changes.try_recv().is_ok() {}
     }
 
+    /// The kube source behind this source, for writers that only exist in
+    /// kube mode (the cluster status).
+    pub fn kube_source(&self) -> Option<Arc<KubeSource>> {
+        match self {
+            Source::File { .. } => None,
+            Source::Kube { source, .. } => Some(Arc::clone(source)),
+        }
+    }
+
     /// Publishes an identity for every label set in `wanted` that has none
     /// yet (create-if-absent, see `crate::identity`), updating `published`.
     /// Only call on a synced source: an unsynced kube source does not know
