@@ -966,22 +966,14 @@ mod tests {
 
     #[test]
     fn kube_mode_only_without_cluster_dir() {
-        let both = parse(&[
-            "veilctl",
-            "--cluster-dir",
-            "/x",
-            "--kubeconfig",
-            "k",
-            "status",
-        ])
-        .expect("parses");
+        let both = parse(&["--cluster-dir", "/x", "--kubeconfig", "k", "status"]).expect("parses");
         let err = kube_mode(&both)
             .expect("refused")
             .expect_err("contradiction");
         assert!(err.contains("--kubeconfig"), "{err}");
-        let file = parse(&["veilctl", "--cluster-dir", "/x", "enable"]).expect("parses");
+        let file = parse(&["--cluster-dir", "/x", "enable"]).expect("parses");
         assert!(kube_mode(&file).is_none());
-        let other = parse(&["veilctl", "keys", "status"]).expect("parses");
+        let other = parse(&["keys", "status"]).expect("parses");
         assert!(
             other.cluster_dir.is_some() || kube_mode(&other).is_none(),
             "commands other than status/enable/disable stay on the file source"
