@@ -1115,9 +1115,11 @@ fn daemonset_only_passes_what_the_agent_accepts() {
         .unwrap_or_default();
     for word in usage.split_whitespace().filter(|w| w.starts_with("--")) {
         let flag = word.trim_start_matches('[');
+        // The option's own entry is its last mention (the usage line
+        // names it first).
         let by_env = help
-            .split(&format!("{flag} "))
-            .nth(1)
+            .rsplit(&format!("{flag} "))
+            .next()
             .and_then(|rest| rest.split("[env: ").nth(1))
             .and_then(|rest| rest.split('=').next())
             .map(str::to_string);
@@ -1661,7 +1663,16 @@ fn agent_works_with_only_the_daemonset_capabilities() {
         "restricted agent died:\n{}",
         agent.log()
     );
-    let text = agent.log();
+    // The data-path threads' real-time priority needs CAP_SYS_NICE, which
+    // the DaemonSet does not grant on purpose: the agent logs that it runs
+    // them at the default priority and carries on. Every other permission
+    // error counts.
+    let text: String = agent
+        .log()
+        .lines()
+        .filter(|l| !l.contains("cannot raise the thread's priority"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     for bad in ["Operation not permitted", "EPERM", "Permission denied"] {
         assert!(
             !text.contains(bad),
