@@ -12,8 +12,9 @@
 //! validate everything, because the file source has no API server and a CRD
 //! installed from an older release may be laxer.
 //!
-//! CEL functions used: `isCIDR`/`isIP` (Kubernetes CEL library, 1.31+) and
-//! the strings extension (`lastIndexOf`, `substring`). Every list that holds
+//! CEL functions used: `isCIDR`/`isIP` (Kubernetes CEL library, 1.31+),
+//! the strings extension (`lastIndexOf`, `substring`) and standard CEL
+//! (`matches`, `contains`, `string`, `int`); no `type()`. Every list that holds
 //! a rule, or encloses one, has `maxItems`, and every string a rule reads has
 //! `maxLength`: the API server multiplies a rule's cost by how often it can
 //! run and rejects a CRD whose worst case is unbounded.
@@ -23,6 +24,7 @@ use kube::CustomResourceExt;
 use schemars::Schema;
 use serde_json::{json, Value};
 
+use crate::cluster::identity::VeilIdentityCrd;
 use crate::cluster::objects::{VeilClusterConfigCrd, VeilNodeCrd};
 use crate::policy::VeilPolicyCrd;
 
@@ -43,6 +45,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         VeilClusterConfigCrd::crd(),
         VeilNodeCrd::crd(),
         VeilPolicyCrd::crd(),
+        VeilIdentityCrd::crd(),
     ]
 }
 
@@ -135,6 +138,21 @@ pub fn veil_policy_rules(schema: &mut Schema) {
     }
 }
 
+/// Schema transform for `VeilIdentitySpec`: `namespace` is required, with
+/// no schema default. serde's `default` (kept so the file source reports a
+/// missing namespace by name instead of failing to parse) would otherwise
+/// put `default: ''` in the schema, and the API server refuses a CRD whose
+/// default fails the field's own `pattern` (structural schemas: defaults
+/// must validate).
+pub fn veil_identity_spec(schema: &mut Schema) {
+    if let Some(namespace) = schema.pointer_mut("/properties/namespace") {
+        if let Some(object) = namespace.as_object_mut() {
+            object.remove("default");
+        }
+    }
+    schema.insert("required".into(), json!(["namespace"]));
+}
+
 fn set(target: &mut Value, key: &str, value: Value) {
     if let Some(object) = target.as_object_mut() {
         object.insert(key.into(), value);
@@ -143,7 +161,14 @@ fn set(target: &mut Value, key: &str, value: Value) {
 
 /// Rules on one `NetworkPolicyPort` (networking/v1 API reference: `port`
 /// is a number or an IANA service name, `endPort` needs a numeric `port`
-/// and may not be below it; protocol TCP, UDP or SCTP).
+/// and may not be below it; protocol TCP, UDP or SCTP), as
+/// `policy::compile` checks them.
+///
+/// `port` is `x-kubernetes-int-or-string`, typed `dyn` in CEL. Which of the
+/// two it holds is asked without `type()` (not every CEL evaluator has it):
+/// [`PORT_IS_NUMBER`] is true only for a number, because CEL equality across
+/// types is false, not an error (CEL spec, "Equality": heterogeneous
+/// equality), so the string `"80"` is not equal to the int `80`.
 fn port_rules() -> Value {
     json!([
         {
@@ -151,15 +176,23 @@ fn port_rules() -> Value {
             "message": "protocol must be TCP, UDP or SCTP",
         },
         {
-            "rule": "!has(self.port) || type(self.port) != int || (self.port >= 1 && self.port <= 65535)",
+            "rule": format!("!has(self.port) || !({PORT_IS_NUMBER}) || (self.port >= 1 && self.port <= 65535)"),
             "message": "port must be 1-65535",
         },
         {
-            "rule": "!has(self.endPort) || (has(self.port) && type(self.port) == int && self.endPort >= self.port && self.endPort <= 65535)",
+            "rule": format!("!has(self.port) || ({PORT_IS_NUMBER}) || (string(self.port).matches('^[-a-z0-9]+$') && string(self.port).matches('[a-z]'))"),
+            "message": "a named port must be an IANA service name: a-z, 0-9 and '-', with at least one letter",
+        },
+        {
+            "rule": format!("!has(self.endPort) || (has(self.port) && ({PORT_IS_NUMBER}) && self.endPort >= self.port && self.endPort <= 65535)"),
             "message": "endPort needs a numeric port, at most endPort, and may not exceed 65535",
         },
     ])
 }
+
+/// CEL: `self.port` (present) holds a number, not a string of digits.
+const PORT_IS_NUMBER: &str =
+    "string(self.port).matches('^-?[0-9]+$') && self.port == int(string(self.port))";
 
 fn ip_block_rules() -> Value {
     json!([

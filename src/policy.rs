@@ -212,18 +212,23 @@ pub struct Policy {
 #[schemars(transform = crate::crd::veil_policy_rules)]
 #[serde(rename_all = "camelCase")]
 pub struct VeilPolicySpec {
+    /// The pods of this namespace the policy applies to; empty selects all.
     #[serde(default)]
     pub pod_selector: LabelSelector,
     /// Allows; present (even empty) = the subjects are isolated for ingress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<Vec<NetworkPolicyIngressRule>>,
+    /// Allows; present (even empty) = the subjects are isolated for egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Vec<NetworkPolicyEgressRule>>,
     /// Denies: win over every allow; do not isolate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_deny: Vec<NetworkPolicyIngressRule>,
+    /// Denies: win over every allow; do not isolate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_deny: Vec<NetworkPolicyEgressRule>,
+    /// This policy's allow rules admit only traffic carried through
+    /// WireGuard (a plaintext packet they would allow is not allowed).
     #[serde(default)]
     pub require_encryption: bool,
 }

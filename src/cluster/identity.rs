@@ -10,6 +10,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::objects::VEIL_API_VERSION;
@@ -31,11 +33,46 @@ pub struct VeilIdentity {
 }
 
 /// The security-relevant labels of an identity: the pod's namespace and labels.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+///
+/// The CRD (`crds/veilidentities.yaml`, written by `crdgen`) is derived from
+/// this type like `VeilNodeSpec`'s: `VeilIdentityCrd` is kube-derive's typed
+/// root, [`VeilIdentity`] stays the plain serde type the sources read. The
+/// schema refuses in the API server what [`PublishedIdentity::try_from`]
+/// would skip later (a name that is no allocatable number, a namespace that
+/// is no DNS label), and makes `spec` immutable: the name is the allocation,
+/// so a changed label set is a new object, never an edit (an edit would
+/// renumber a label set on every node; SECURITY.md, "Identities").
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, CustomResource, JsonSchema,
+)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "VeilIdentity",
+    root = "VeilIdentityCrd",
+    shortname = "vid",
+    category = "veil",
+    doc = "One security identity: the number in its name stands for the pod namespace and label set in spec. Created by the agents (first come, first served), never edited.",
+    validation = Rule::new("self.metadata.name.matches('^[1-9][0-9]{2,7}$') && int(self.metadata.name) >= 256 && int(self.metadata.name) < 16711680").message("metadata.name must be an identity number, 256-16711679, without leading zeros"),
+    validation = Rule::new("self.spec == oldSelf.spec").message("spec is immutable: the name is the allocation; delete and create instead"),
+    printcolumn(name = "Namespace", type_ = "string", json_path = ".spec.namespace"),
+    printcolumn(name = "Labels", type_ = "string", json_path = ".spec.labels"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(
+    description = "The label set the number in metadata.name stands for: the pods' namespace and all their labels. Never changes; a different label set is a different VeilIdentity.",
+    transform = crate::crd::veil_identity_spec
+)]
 pub struct VeilIdentitySpec {
+    /// Namespace of the pods with this identity (a DNS label).
     #[serde(default)]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub namespace: String,
+    /// The pods' labels, all of them: the label set this number stands for.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }

@@ -114,6 +114,10 @@ pub enum ObjectError {
     )
 )]
 #[serde(rename_all = "camelCase")]
+// What `kubectl explain veilnode.spec` shows (the doc above is for Rust readers).
+#[schemars(
+    description = "A node's announcement of how to reach it: WireGuard public key and port, pod CIDRs, endpoint, signed by the node's certified identity key (or by the authority for an external peer). Unsigned or wrongly signed announcements are ignored by every peer."
+)]
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "!has(self.notBefore) || !has(self.notAfter) || self.notAfter > self.notBefore",
@@ -124,7 +128,7 @@ pub struct VeilNodeSpec {
     /// The node's WireGuard public key, base64.
     #[schemars(regex(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub public_key: String,
-    /// UDP port of the node's WireGuard engine; [`DEFAULT_LISTEN_PORT`] when absent.
+    /// UDP port of the node's WireGuard engine; 51820 (`DEFAULT_LISTEN_PORT`) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub listen_port: Option<u16>,
@@ -147,9 +151,11 @@ pub struct VeilNodeSpec {
         length(max = 64),
         // `ip:port`, IPv6 as `[addr]:port` (what `SocketAddr` parses):
         // the host is what precedes the last `:`, without its brackets.
+        // An unbracketed host with a `:` (`fd00::1:51820`) is refused: it
+        // is ambiguous, and `SocketAddr` refuses it too.
         extend("x-kubernetes-validations" = [
             {
-                "rule": "self.lastIndexOf(':') > 0 && isIP(self.startsWith('[') && self.substring(0, self.lastIndexOf(':')).endsWith(']') ? self.substring(1, self.lastIndexOf(':') - 1) : self.substring(0, self.lastIndexOf(':')))",
+                "rule": "self.lastIndexOf(':') > 0 && isIP(self.startsWith('[') && self.substring(0, self.lastIndexOf(':')).endsWith(']') ? self.substring(1, self.lastIndexOf(':') - 1) : self.substring(0, self.lastIndexOf(':'))) && (self.startsWith('[') || !self.substring(0, self.lastIndexOf(':')).contains(':'))",
                 "message": "must be ip:port with an IP address (IPv6 as [addr]:port)",
             },
             {
@@ -210,18 +216,29 @@ pub struct VeilNodeStatus {
 /// `status.encryption` of a `VeilNode` (see [`crate::cluster::EncryptionStatus`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(
+    description = "The node's stand on the cluster-wide enable flag (VeilClusterConfig spec.encryption) and its peers' state."
+)]
 pub struct VeilNodeEncryptionStatus {
+    /// The value of `spec.encryption.enabled` this node acts on.
     #[serde(default)]
     pub enabled: bool,
+    /// Its engine is up with every peer configured: it can receive
+    /// encrypted traffic from each of them.
     #[serde(default)]
     pub ready: bool,
-    /// Absent means true: an agent that does not report it never refused plaintext.
+    /// It delivers plaintext from remote pods; false only once strict mode
+    /// has converged. Absent means true: an agent that does not report it
+    /// never refused plaintext.
     #[serde(default = "yes")]
     pub accepts_plaintext: bool,
+    /// How many peers it sends to encrypted.
     #[serde(default)]
     pub encrypted_peers: u32,
+    /// How many peers it sends to in plaintext.
     #[serde(default)]
     pub plaintext_peers: u32,
+    /// How many peers it sends nothing to.
     #[serde(default)]
     pub dropped_peers: u32,
 }
@@ -269,7 +286,11 @@ pub struct VeilClusterConfigStatus {
 /// One condition of [`VeilClusterConfigStatus`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(
+    description = "One condition of the cluster's convergence on spec, e.g. EncryptionReady, with the node counts behind it."
+)]
 pub struct ClusterCondition {
+    /// The condition's name, e.g. `EncryptionReady`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True` or `False`.
@@ -343,11 +364,15 @@ pub struct EncryptionSpec {
     validation = Rule::new("self.metadata.name == 'default'").message("the only VeilClusterConfig is named `default`"),
     printcolumn(name = "Enabled", type_ = "boolean", json_path = ".spec.encryption.enabled"),
     printcolumn(name = "Strict", type_ = "boolean", json_path = ".spec.encryption.strict"),
-    printcolumn(name = "Ready nodes", type_ = "integer", json_path = ".status.readyNodes"),
-    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.totalNodes"),
+    // The counts of the EncryptionReady condition (`reconcile::enable`).
+    printcolumn(name = "Ready nodes", type_ = "integer", json_path = ".status.conditions[?(@.type==\"EncryptionReady\")].readyNodes"),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.conditions[?(@.type==\"EncryptionReady\")].totalNodes"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(
+    description = "Cluster-wide settings every agent follows: the encryption enable flag and strict mode, the cluster pod ranges, key rotation."
+)]
 pub struct VeilClusterConfigSpec {
     #[serde(default)]
     pub encryption: EncryptionSpec,

@@ -4,8 +4,9 @@
 //! (`deploy/base/rbac.yaml`). `cargo test --test manifests` checks both
 //! directions: it records every request a running [`super::KubeSource`]
 //! makes against a mock API server (watches, announcement, both status
-//! patches) and requires the set of `(group, resource, verb)` to be exactly
-//! this list, and it requires the ClusterRole to grant exactly this list.
+//! patches, identity create/get/delete) and requires the set of
+//! `(group, resource, verb)` to be exactly this list, and it requires the
+//! ClusterRole to grant exactly this list.
 //! A new API call in the source therefore fails the test until both this
 //! list and the RBAC say so; a stale grant fails it too.
 
@@ -61,5 +62,14 @@ pub const API_ACCESS: &[ApiAccess] = &[
         group: "veil.dev",
         resource: "veilclusterconfigs/status",
         verbs: &["patch"],
+    },
+    // Identity allocation: watched; created with a plain POST (409 when
+    // taken is the compare-and-swap), read back on 409 and before garbage
+    // collection, deleted with uid/resourceVersion preconditions. Never
+    // updated or patched: an identity's label set does not change.
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilidentities",
+        verbs: &["list", "watch", "create", "get", "delete"],
     },
 ];
