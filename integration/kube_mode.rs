@@ -115,6 +115,9 @@ fn list_items(path: &str) -> Option<(&'static str, &'static str, Vec<Value>)> {
         "/api/v1/pods" => ("v1", "PodList", vec![]),
         "/api/v1/namespaces" => ("v1", "NamespaceList", vec![]),
         "/apis/veil.dev/v1alpha1/veilnodes" => ("veil.dev/v1alpha1", "VeilNodeList", vec![]),
+        "/apis/veil.dev/v1alpha1/veilidentities" => {
+            ("veil.dev/v1alpha1", "VeilIdentityList", vec![])
+        }
         "/apis/veil.dev/v1alpha1/veilclusterconfigs" => (
             "veil.dev/v1alpha1",
             "VeilClusterConfigList",
