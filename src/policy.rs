@@ -189,6 +189,9 @@ pub struct Policy {
     kube::CustomResource,
     schemars::JsonSchema,
 )]
+// kube's derive takes one `printcolumn(name = .., type_ = .., ..)` per column;
+// clippy reads the repeated keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[kube(
     group = "veil.dev",
     version = "v1alpha1",

@@ -45,6 +45,9 @@ pub struct VeilIdentity {
 #[derive(
     Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, CustomResource, JsonSchema,
 )]
+// kube's derive takes one `printcolumn(name = .., type_ = .., ..)` per column;
+// clippy reads the repeated keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[kube(
     group = "veil.dev",
     version = "v1alpha1",
