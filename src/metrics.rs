@@ -281,7 +281,7 @@ pub fn render(s: &Snapshot) -> String {
         verdicts
             .get_or_create(&vec![
                 ("verdict", "allowed".into()),
-                ("direction", direction.to_string().into()),
+                ("direction", direction.to_string()),
             ])
             .inc_by(*n);
     }
