@@ -103,4 +103,46 @@ int from_pod(struct __sk_buff *skb)
 	return bpf_redirect(cfg->tun_ifindex, 0);
 }
 
+/* into_pod: TC egress of a local pod's host-side veth, i.e. every packet
+ * the kernel routes or bridges into the pod. Decrypted tunnel traffic never
+ * passes here: to_pod hands it over with bpf_redirect_peer, which enters the
+ * pod's eth0 ingress directly (skb_do_redirect, net/core/filter.c) and
+ * skips this device's egress. So once strict mode has converged (the node
+ * reports acceptsPlaintext: false), a packet here whose source is a remote
+ * pod or node arrived in plaintext over the underlay: it is dropped. Local
+ * pods, the host and the world pass untouched. */
+SEC("classifier")
+int into_pod(struct __sk_buff *skb)
+{
+	struct remote_value *remote;
+	struct config_value *cfg;
+	struct remote_key rkey;
+	struct l3_info l3 = {};
+	struct ethhdr eth;
+	int ret;
+
+	cfg = config_get();
+	if (!cfg || !(cfg->flags & CFG_REFUSE_PLAINTEXT))
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		return drop(skb, DROP_INVALID);
+	ret = parse_l3(skb, eth.h_proto, ETH_HLEN, &l3);
+	if (ret < 0)
+		return drop(skb, ret); /* unparsable: cannot tell it is not remote */
+	if (ret == 0)
+		return TC_ACT_OK; /* ARP and other non-IP */
+
+	/* The IP cache holds remote pods and remote nodes' addresses only. */
+	if (bpf_map_lookup_elem(&veil_ipcache, &l3.saddr))
+		return drop(skb, DROP_PLAINTEXT_REFUSED);
+	/* A remote pod CIDR (or the cluster-wide range minus this node's own
+	 * CIDR) covers remote pods the IP cache does not list yet. */
+	rkey.prefixlen = 128;
+	__builtin_memcpy(rkey.addr, l3.saddr.b, 16);
+	remote = bpf_map_lookup_elem(&veil_remote, &rkey);
+	if (remote && !(remote->flags & REMOTE_LOCAL))
+		return drop(skb, DROP_PLAINTEXT_REFUSED);
+	return TC_ACT_OK;
+}
+
 char _license[] SEC("license") = "GPL";

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use harness::netns::{require_root, unique_prefix, Netns};
 use ipnet::IpNet;
-use veil::datapath::maps::{identity_mark, ID_UNMANAGED, ID_WORLD};
+use veil::datapath::maps::{identity_mark, ID_REMOTE_NODE, ID_UNMANAGED, ID_WORLD};
 use veil::datapath::{
     Datapath, DatapathConfig, EndpointValue, Hook, Reason, RemoteValue, POD_FILTER_PRIORITIES,
 };
@@ -1414,4 +1414,349 @@ fn fail_closed_after_agent_exit_no_plaintext_leak() {
         "plaintext leaked while agents replaced the filter ({sent} packets sent)"
     );
     assert_eq!(veil_filters(&node, &host).len(), 1);
+}
+
+// ---------------------------------------------------------------- into_pod
+
+fn into_pod(dp: &Datapath, pkt: &[u8]) -> Run {
+    run(dp.classifier(Hook::IntoPod).expect("into_pod"), pkt)
+}
+
+/// A routed frame arriving at a local pod from `src`, as the host-side veth
+/// egress sees it.
+fn routed4_to_pod(src: Ipv4Addr) -> Vec<u8> {
+    let udp = udp_seg(IpAddr::V4(src), IpAddr::V4(POD_A), b"plaintext");
+    eth(HOST_MAC, 0x0800, &ipv4(src, POD_A, 17, &udp))
+}
+
+#[test]
+fn into_pod_refuses_plaintext_from_remote_sources_only_when_strict() {
+    // setup(enabled, strict) with both set is what the agent writes once
+    // the transition plan fails closed (acceptsPlaintext: false).
+    let mut dp = setup(true, true);
+    let remote_node = Ipv4Addr::new(198, 18, 0, 2);
+    let mut ipc = BTreeMap::new();
+    ipc.insert(IpAddr::V4(REMOTE_PEER), REMOTE_PEER_ID);
+    ipc.insert(IpAddr::V4(remote_node), ID_REMOTE_NODE);
+    dp.sync_ipcache(&ipc).expect("ipcache");
+
+    // Remote pod in the IP cache, a remote node, and a remote pod CIDR
+    // address the IP cache does not list (yet): all plaintext, all dropped.
+    let mut dropped = 0;
+    for src in [REMOTE_PEER, remote_node, REMOTE_NO_PEER] {
+        let pkt = routed4_to_pod(src);
+        let r = into_pod(&dp, &pkt);
+        assert_eq!(r.ret, TC_ACT_SHOT, "plaintext from {src} must be dropped");
+        dropped += 1;
+        assert_eq!(count(&dp, Reason::DropPlaintextRefused).0, dropped, "{src}");
+    }
+    let src6: Ipv6Addr = REMOTE6.parse().unwrap();
+    let dst6: Ipv6Addr = POD_A6.parse().unwrap();
+    let udp = udp_seg(IpAddr::V6(src6), IpAddr::V6(dst6), b"x");
+    let r = into_pod(&dp, &eth(HOST_MAC, 0x86dd, &ipv6(src6, dst6, 17, &udp)));
+    assert_eq!(r.ret, TC_ACT_SHOT, "IPv6 plaintext from a remote pod");
+    assert_eq!(count(&dp, Reason::DropPlaintextRefused).0, dropped + 1);
+
+    // Local pod, host/underlay address, world: untouched, not counted.
+    for src in [POD_B, NOT_A_POD, Ipv4Addr::new(192, 0, 2, 1)] {
+        let pkt = routed4_to_pod(src);
+        let r = into_pod(&dp, &pkt);
+        assert_eq!(r.ret, TC_ACT_OK, "{src} must pass");
+        assert_eq!(r.out, pkt, "{src}: a passed packet is not rewritten");
+    }
+    assert_eq!(count(&dp, Reason::DropPlaintextRefused).0, dropped + 1);
+    // ARP passes.
+    assert_eq!(
+        into_pod(&dp, &eth(HOST_MAC, 0x0806, &[0; 28])).ret,
+        TC_ACT_OK
+    );
+
+    // This node's own CIDR carved out of a covering cluster range: a local
+    // address there is not remote.
+    let mut remote = BTreeMap::new();
+    remote.insert(
+        "10.244.0.0/16".parse::<IpNet>().unwrap(),
+        RemoteValue {
+            has_peer: false,
+            local: false,
+            node_id: 0,
+        },
+    );
+    remote.insert(
+        "10.244.0.0/24".parse::<IpNet>().unwrap(),
+        RemoteValue {
+            has_peer: false,
+            local: true,
+            node_id: 0,
+        },
+    );
+    dp.sync_remote(&remote).expect("remote");
+    let local_unlisted = Ipv4Addr::new(10, 244, 0, 99);
+    assert_eq!(
+        into_pod(&dp, &routed4_to_pod(local_unlisted)).ret,
+        TC_ACT_OK
+    );
+    assert_eq!(
+        into_pod(&dp, &routed4_to_pod(Ipv4Addr::new(10, 244, 7, 7))).ret,
+        TC_ACT_SHOT,
+        "the cluster range outside this node's CIDR is remote"
+    );
+}
+
+#[test]
+fn into_pod_passes_everything_while_plaintext_is_accepted() {
+    // Non-strict, and strict while disabled (never written by the agent,
+    // but the flag needs both): plaintext is accepted.
+    for (enabled, strict) in [(true, false), (false, false), (false, true)] {
+        let dp = setup(enabled, strict);
+        for src in [REMOTE_PEER, REMOTE_NO_PEER, POD_B, NOT_A_POD] {
+            let pkt = routed4_to_pod(src);
+            let r = into_pod(&dp, &pkt);
+            assert_eq!(r.ret, TC_ACT_OK, "enabled={enabled} strict={strict} {src}");
+            assert_eq!(r.out, pkt);
+        }
+        assert_eq!(count(&dp, Reason::DropPlaintextRefused), (0, 0));
+    }
+}
+
+#[test]
+fn into_pod_flag_follows_runtime_config() {
+    let mut dp = setup(true, false);
+    let pkt = routed4_to_pod(REMOTE_PEER);
+    assert_eq!(into_pod(&dp, &pkt).ret, TC_ACT_OK);
+    let strict = DatapathConfig {
+        enabled: true,
+        strict: true,
+        tun_ifindex: TUN_IFINDEX,
+        tun_mtu: TUN_MTU,
+    };
+    dp.set_config(strict).expect("config");
+    assert_eq!(into_pod(&dp, &pkt).ret, TC_ACT_SHOT);
+    dp.set_config(DatapathConfig {
+        strict: false,
+        ..strict
+    })
+    .expect("config");
+    assert_eq!(into_pod(&dp, &pkt).ret, TC_ACT_OK);
+    assert_eq!(count(&dp, Reason::DropPlaintextRefused).0, 1);
+}
+
+#[test]
+fn into_pod_malformed_headers_are_dropped_when_strict() {
+    // (Truncated frames cannot be tested: BPF_PROG_TEST_RUN rejects them.)
+    let good = routed4_to_pod(POD_B);
+    let mut ihl = good.clone();
+    ihl[14] = 0x43; // IHL below 5
+    let mut tot = good.clone();
+    tot[16..18].copy_from_slice(&1500u16.to_be_bytes()); // beyond the packet
+    let dp = setup(true, true);
+    for bad in [&ihl, &tot] {
+        assert_eq!(into_pod(&dp, bad).ret, TC_ACT_SHOT);
+    }
+    assert_eq!(count(&dp, Reason::DropInvalid).0, 2);
+    assert_eq!(into_pod(&dp, &good).ret, TC_ACT_OK);
+    // Plaintext accepted: the program does not even parse.
+    let dp = setup(true, false);
+    assert_eq!(into_pod(&dp, &ihl).ret, TC_ACT_OK);
+}
+
+/// `into_pod` filter lines on `dev` egress.
+fn into_pod_filters(ns: &Netns, dev: &str) -> usize {
+    let out = ns.exec_ok(&["tc", "filter", "show", "dev", dev, "egress"]);
+    out.lines().filter(|l| l.contains("into_pod")).count()
+}
+
+#[test]
+fn into_pod_filter_is_attached_on_egress_and_outlives_the_agent() {
+    require_root();
+    let p = unique_prefix();
+    let ns = Netns::new(format!("{p}x"));
+    let host = format!("{p}h");
+    let peer = format!("{p}p");
+    ns.exec_ok(&[
+        "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+    ]);
+    for _ in 0..2 {
+        let dev = host.clone();
+        ns.run(move || {
+            let mut dp = Datapath::load().expect("load");
+            dp.attach_pod(&dev).expect("attach_pod");
+        });
+        assert_eq!(
+            into_pod_filters(&ns, &host),
+            1,
+            "one into_pod after restart"
+        );
+        assert_eq!(veil_filters(&ns, &host).len(), 1);
+    }
+    let dev = host.clone();
+    ns.run(move || {
+        let mut dp = Datapath::load().expect("load");
+        dp.detach_pod(&dev).expect("detach_pod");
+    });
+    assert_eq!(into_pod_filters(&ns, &host), 0);
+}
+
+/// Receiving side of strict mode through the kernel: a "remote node"
+/// namespace sends UDP over the underlay straight to a local pod with a
+/// remote pod's source address (as a sender without Veil steering, or a
+/// forger on the underlay, would). The node routes it into the pod's veth,
+/// where `into_pod` sees it on egress: delivered while plaintext is
+/// accepted, dropped and counted once strict mode converged; a source the
+/// IP cache does not know (a plain underlay host) is delivered either way.
+#[test]
+fn routed_plaintext_from_a_remote_pod_is_refused_once_strict() {
+    require_root();
+    let p = unique_prefix();
+    let node = Netns::new(format!("{p}n"));
+    let pod = Netns::new(format!("{p}q"));
+    let remote = Netns::new(format!("{p}r"));
+    let host = format!("{p}h");
+    let (ul0, ul1) = (format!("{p}u0"), format!("{p}u1"));
+    for ns in [&node, &pod, &remote] {
+        for s in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            ns.exec_ok(&["sysctl", "-qw", s]);
+        }
+    }
+    node.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        &host,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ]);
+    node.exec_ok(&["ip", "link", "set", &host, "up"]);
+    node.exec_ok(&["ip", "route", "add", "10.244.0.10/32", "dev", &host]);
+    pod.exec_ok(&["ip", "addr", "add", "10.244.0.10/32", "dev", "eth0"]);
+    pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    node.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        &ul0,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &ul1,
+        "netns",
+        remote.name(),
+    ]);
+    node.exec_ok(&["ip", "addr", "add", "198.18.0.1/24", "dev", &ul0]);
+    node.exec_ok(&["ip", "link", "set", &ul0, "up"]);
+    remote.exec_ok(&["ip", "addr", "add", "198.18.0.2/24", "dev", &ul1]);
+    // The remote pod's address, owned by the sender so it can bind to it.
+    remote.exec_ok(&["ip", "addr", "add", "10.244.1.20/32", "dev", &ul1]);
+    remote.exec_ok(&["ip", "link", "set", &ul1, "up"]);
+    remote.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.0.0/24",
+        "via",
+        "198.18.0.1",
+        "dev",
+        &ul1,
+    ]);
+
+    let dev = host.clone();
+    let host_ifindex = ifindex_in(&node, &host);
+    let mut dp = node.run(move || {
+        let mut dp = Datapath::load().expect("load");
+        dp.set_config(DatapathConfig {
+            enabled: true,
+            strict: false,
+            tun_ifindex: 0,
+            tun_mtu: TUN_MTU,
+        })
+        .expect("config");
+        let mut eps = BTreeMap::new();
+        eps.insert(
+            "10.244.0.10".parse().unwrap(),
+            EndpointValue {
+                identity: POD_A_ID,
+                ifindex: host_ifindex,
+            },
+        );
+        dp.sync_endpoints(&eps).expect("endpoints");
+        let mut rem = BTreeMap::new();
+        rem.insert(
+            "10.244.1.0/24".parse::<IpNet>().unwrap(),
+            RemoteValue {
+                has_peer: true,
+                local: false,
+                node_id: 1,
+            },
+        );
+        dp.sync_remote(&rem).expect("remote");
+        let mut ipc = BTreeMap::new();
+        ipc.insert("10.244.1.20".parse().unwrap(), REMOTE_PEER_ID);
+        dp.sync_ipcache(&ipc).expect("ipcache");
+        dp.attach_pod(&dev).expect("attach_pod");
+        dp
+    });
+
+    let rx = pod.run(|| {
+        let s = std::net::UdpSocket::bind("10.244.0.10:7777").expect("bind in pod");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        s
+    });
+    // Sends `tag` from `src` until the pod has it or `deadline` passes.
+    let deliver = |src: &'static str, tag: &'static str, within: Duration| -> bool {
+        let deadline = Instant::now() + within;
+        let tx = remote.run(move || {
+            std::net::UdpSocket::bind((src, 0)).unwrap_or_else(|e| panic!("bind {src}: {e}"))
+        });
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline {
+            tx.send_to(tag.as_bytes(), "10.244.0.10:7777")
+                .expect("send from the remote node");
+            if let Ok((n, _)) = rx.recv_from(&mut buf) {
+                if &buf[..n] == tag.as_bytes() {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+
+    // Plaintext accepted (strict not converged): delivered.
+    assert!(deliver("10.244.1.20", "accepted", Duration::from_secs(5)));
+    assert_eq!(count(&dp, Reason::DropPlaintextRefused), (0, 0));
+
+    dp.set_config(DatapathConfig {
+        enabled: true,
+        strict: true,
+        tun_ifindex: 0,
+        tun_mtu: TUN_MTU,
+    })
+    .expect("strict config");
+    // Drained of anything still queued from the first phase.
+    let mut buf = [0u8; 64];
+    while rx.recv_from(&mut buf).is_ok() {}
+    assert!(
+        !deliver("10.244.1.20", "refused", Duration::from_secs(2)),
+        "plaintext from a remote pod reached the pod after strict converged"
+    );
+    let (n, _) = count(&dp, Reason::DropPlaintextRefused);
+    assert!(n >= 1, "the refusals must be counted, got {n}");
+    // A source that is neither a remote pod nor a remote node still passes.
+    assert!(deliver("198.18.0.2", "underlay", Duration::from_secs(5)));
+    assert_eq!(count(&dp, Reason::DropPlaintextRefused).0, n);
+
+    let dev = host.clone();
+    node.run(move || dp.detach_pod(&dev).expect("detach"));
 }

@@ -462,3 +462,32 @@ fn fin_and_rst_shorten_the_flow_to_the_close_timeout() {
         "the open flow lives on"
     );
 }
+
+#[test]
+fn allowed_verdicts_are_counted_per_direction() {
+    let mut env = Env::new();
+    let allowed = |env: &Env| env.dp.policy_allowed().expect("allowed counters");
+    let zero = allowed(&env);
+    assert_eq!(zero[&Direction::Ingress], 0);
+    assert_eq!(zero[&Direction::Egress], 0);
+    env.np(DB_FROM_WEB_5432);
+    env.apply();
+    // Same node: both ends judged at from_pod, one count in each direction.
+    assert_eq!(env.egress(WEB, DB, TCP, 41001, 5432), TC_ACT_OK);
+    let a = allowed(&env);
+    assert_eq!((a[&Direction::Egress], a[&Direction::Ingress]), (1, 1));
+    // Denied: no allowed count.
+    assert_eq!(env.egress(WEB, DB, TCP, 41002, 80), TC_ACT_SHOT);
+    // To a remote pod: the sender's egress only.
+    assert_eq!(env.egress(WEB, TOOL, TCP, 41003, 443), TC_ACT_REDIRECT);
+    // From the tunnel: the receiver's ingress only.
+    assert_eq!(env.ingress(WEB, DB, TCP, 41004, 5432), TC_ACT_REDIRECT);
+    assert_eq!(env.ingress(TOOL, DB, TCP, 41005, 5432), TC_ACT_SHOT);
+    let a = allowed(&env);
+    assert_eq!((a[&Direction::Egress], a[&Direction::Ingress]), (2, 2));
+    // A later packet of an admitted flow (conntrack) counts too: the
+    // counter is per packet, like the denials.
+    assert_eq!(env.egress(WEB, DB, TCP, 41001, 5432), TC_ACT_OK);
+    let a = allowed(&env);
+    assert_eq!((a[&Direction::Egress], a[&Direction::Ingress]), (3, 3));
+}

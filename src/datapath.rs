@@ -9,6 +9,10 @@
 //!   source's identity and delivers packets for local pods straight into the
 //!   pod with `bpf_redirect_peer`.
 //!
+//! - `into_pod` runs at TC egress of every local pod's host-side veth: once
+//!   strict mode converged it drops plaintext whose source is a remote pod
+//!   or node (tunnel traffic reaches pods via `to_pod`, never through here).
+//!
 //! The `from_pod` filters are attached with netlink and deliberately survive
 //! the agent (fail closed): see [`Datapath::attach_pod`].
 
@@ -19,7 +23,7 @@ mod loader;
 pub mod maps;
 pub mod sync;
 
-pub use loader::{Datapath, Hook, PolicyDrop, POD_FILTER_PRIORITIES};
+pub use loader::{Datapath, Hook, PolicyAllowed, PolicyDrop, POD_FILTER_PRIORITIES};
 
 /// Errors of the datapath; each names the interface, map or program involved.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,11 @@ pub enum Error {
 }
 
 /// Settings the agent can change at runtime (written to `veil_config`).
+///
+/// `enabled && strict` also sets `CFG_REFUSE_PLAINTEXT`: the agent passes
+/// `strict` only once the transition plan fails closed, which is exactly when
+/// the node reports `acceptsPlaintext: false` (`reconcile::enable`), so from
+/// then on `into_pod` drops plaintext arriving from remote pods and nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DatapathConfig {
     /// Encrypt traffic to remote pod CIDRs.
@@ -131,10 +140,13 @@ pub enum Reason {
     DropPolicy,
     /// Allowed by policy only over the tunnel, and it was not.
     DropPolicyUnencrypted,
+    /// `into_pod`: plaintext from a remote pod or node, after strict mode
+    /// converged.
+    DropPlaintextRefused,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::ForwardedToTun,
         Reason::DeliveredToPod,
         Reason::PassedNoPeer,
@@ -144,6 +156,7 @@ impl Reason {
         Reason::DropWrite,
         Reason::DropPolicy,
         Reason::DropPolicyUnencrypted,
+        Reason::DropPlaintextRefused,
     ];
 
     /// The code the programs use (`FWD_*` >= 0, `DROP_*` < 0).
@@ -158,6 +171,7 @@ impl Reason {
             Reason::DropWrite => -6,
             Reason::DropPolicy => -7,
             Reason::DropPolicyUnencrypted => -8,
+            Reason::DropPlaintextRefused => -9,
         }
     }
 
@@ -181,6 +195,7 @@ impl Reason {
             Reason::DropWrite => "drop_write",
             Reason::DropPolicy => "drop_policy",
             Reason::DropPolicyUnencrypted => "drop_policy_unencrypted",
+            Reason::DropPlaintextRefused => "drop_plaintext_refused",
         }
     }
 }

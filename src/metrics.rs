@@ -85,6 +85,8 @@ pub struct Snapshot {
     pub datapath: BTreeMap<Reason, (u64, u64)>,
     /// BPF `veil_policy_drops`, summed per (direction of the failed check, reason).
     pub policy_denied: BTreeMap<(Direction, Reason), u64>,
+    /// BPF `veil_policy_allowed`: packets that passed policy, per direction.
+    pub policy_allowed: BTreeMap<Direction, u64>,
     /// Errors the agent loop logged since start (each failed applier step).
     pub reconcile_errors: u64,
     /// Objects currently skipped or kept at their last good version, and
@@ -108,6 +110,7 @@ impl Default for Snapshot {
             engine: EngineCounters::default(),
             datapath: BTreeMap::new(),
             policy_denied: BTreeMap::new(),
+            policy_allowed: BTreeMap::new(),
             reconcile_errors: 0,
             diagnostics: 0,
             key_generation: 0,
@@ -271,6 +274,14 @@ pub fn render(s: &Snapshot) -> String {
             .get_or_create(&vec![
                 ("verdict", verdict.into()),
                 ("direction", dir.into()),
+            ])
+            .inc_by(*n);
+    }
+    for (direction, n) in &s.policy_allowed {
+        verdicts
+            .get_or_create(&vec![
+                ("verdict", "allowed".into()),
+                ("direction", direction.to_string()),
             ])
             .inc_by(*n);
     }

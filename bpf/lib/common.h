@@ -30,6 +30,9 @@
 /* veil_config.flags */
 #define CFG_ENABLED (1U << 0)
 #define CFG_STRICT (1U << 1)
+/* Strict mode converged (the node reports acceptsPlaintext: false): into_pod
+ * drops plaintext arriving from remote pods and nodes. */
+#define CFG_REFUSE_PLAINTEXT (1U << 2)
 
 /* veil_remote value flags */
 #define REMOTE_HAS_PEER (1U << 0)
@@ -50,6 +53,7 @@
 #define DROP_WRITE (-6)    /* a packet rewrite helper failed */
 #define DROP_POLICY (-7)   /* denied by policy (a deny rule, or isolated and not allowed) */
 #define DROP_POLICY_UNENCRYPTED (-8) /* allowed only over the tunnel, and it was not */
+#define DROP_PLAINTEXT_REFUSED (-9) /* into_pod: plaintext from a remote source, strict converged */
 #define METRICS_MAX 10
 
 /* Locally administered source MAC written on frames delivered into pods:

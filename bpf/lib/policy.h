@@ -157,6 +157,15 @@ struct {
 	__type(value, __u64);
 } veil_policy_drops SEC(".maps") __weak;
 
+/* Packets that passed policy, per direction enforced (DIR_*): a per-CPU
+ * array, so counting every allowed packet costs one lookup and an add. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} veil_policy_allowed SEC(".maps") __weak;
+
 /* The identity of a peer address: a pod's (IP cache, authenticated for
  * remote pods by cryptokey routing), else an ipBlock's, else world. */
 static __always_inline __u32 addr_identity(const struct addr16 *a)
@@ -283,9 +292,9 @@ static __always_inline int ct_use(struct ct_value *v, __u8 proto, __u8 tcp_flags
  * when `egress`, the ingress of `dst` when `ingress`. `encrypted`: the
  * packet crosses (or crossed) the tunnel. Returns 0 to pass or a DROP_*
  * code, already counted by identity pair. */
-static __always_inline int policy_enforce(struct __sk_buff *skb, const struct l3_info *l3,
-					  __u32 src, __u32 dst, int egress, int ingress,
-					  int encrypted)
+static __always_inline int policy_judge(struct __sk_buff *skb, const struct l3_info *l3,
+					__u32 src, __u32 dst, int egress, int ingress,
+					int encrypted)
 {
 	struct ct_value *ct, fresh = {};
 	struct ct_key key = {};
@@ -347,6 +356,32 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct l3
 	/* Best effort: if the insert fails the next packet is judged again. */
 	bpf_map_update_elem(&veil_ct, &key, &fresh, BPF_ANY);
 	return 0;
+}
+
+static __always_inline void policy_count_allow(__u32 dir)
+{
+	__u64 *n = bpf_map_lookup_elem(&veil_policy_allowed, &dir);
+
+	/* Per-CPU slot: no other writer. */
+	if (n)
+		*n += 1;
+}
+
+/* policy_judge, counting a passed packet once per direction enforced
+ * (denials are counted by identity pair in policy_judge). */
+static __always_inline int policy_enforce(struct __sk_buff *skb, const struct l3_info *l3,
+					  __u32 src, __u32 dst, int egress, int ingress,
+					  int encrypted)
+{
+	int ret = policy_judge(skb, l3, src, dst, egress, ingress, encrypted);
+
+	if (ret == 0) {
+		if (egress)
+			policy_count_allow(DIR_EGRESS);
+		if (ingress)
+			policy_count_allow(DIR_INGRESS);
+	}
+	return ret;
 }
 
 #endif /* VEIL_POLICY_H */

@@ -133,6 +133,10 @@ impl Node {
             }
             Err(e) => warn!("reading BPF policy drop counters: {e}"),
         }
+        let policy_allowed = self.datapath.policy_allowed().unwrap_or_else(|e| {
+            warn!("reading BPF policy allowed counters: {e}");
+            Default::default()
+        });
         let (unsynced, pass_errors, diagnostics) = match &pass {
             Pass::Reconciled { errors } => (None, *errors, self.diagnostics.len()),
             Pass::Unsynced(diags) => (Some(diags.as_slice()), 0, diags.len()),
@@ -142,6 +146,7 @@ impl Node {
             engine: self.engine.counters(),
             datapath,
             policy_denied,
+            policy_allowed,
             reconcile_errors: self.cfg.error_count.get(),
             diagnostics: diagnostics as u64,
             key_generation: self.generation,

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 
 use super::maps::{
     policy_key, prefix_key, Addr16, ConfigRaw, EndpointRaw, MetricsRaw, PolicyDropKey,
-    PolicyKeyData, PolicyValueRaw, RemoteRaw, CFG_ENABLED, CFG_STRICT, IDENTITY_MAX,
-    REMOTE_HAS_PEER, REMOTE_LOCAL,
+    PolicyKeyData, PolicyValueRaw, RemoteRaw, CFG_ENABLED, CFG_REFUSE_PLAINTEXT, CFG_STRICT,
+    IDENTITY_MAX, REMOTE_HAS_PEER, REMOTE_LOCAL,
 };
 use super::sync::diff;
 use super::{key_str, mss_for_mtu, DatapathConfig, EndpointValue, Error, Reason, RemoteValue};
@@ -23,11 +23,15 @@ use crate::policy::Compiled;
 /// (source identity, destination identity, direction of the failed check, reason).
 pub type PolicyDrop = (u32, u32, crate::policy::Direction, Reason);
 
+/// Packets that passed identity policy, per direction enforced.
+pub type PolicyAllowed = BTreeMap<crate::policy::Direction, u64>;
+
 /// The linked object built by build.rs (both programs, one set of maps).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
 
 const FROM_POD: &str = "from_pod";
 const TO_POD: &str = "to_pod";
+const INTO_POD: &str = "into_pod";
 
 /// The two TC priorities `from_pod` alternates between on a pod veth. A new
 /// agent attaches at the free one, then deletes the other: there is always a
@@ -44,6 +48,8 @@ pub enum Hook {
     FromPod,
     /// `to_pod`, TUN ingress.
     ToPod,
+    /// `into_pod`, pod veth egress.
+    IntoPod,
 }
 
 impl Hook {
@@ -51,6 +57,15 @@ impl Hook {
         match self {
             Hook::FromPod => FROM_POD,
             Hook::ToPod => TO_POD,
+            Hook::IntoPod => INTO_POD,
+        }
+    }
+
+    /// Where the hook sits on a pod veth (`to_pod` is not on one).
+    const fn pod_side(self) -> TcAttachType {
+        match self {
+            Hook::IntoPod => TcAttachType::Egress,
+            Hook::FromPod | Hook::ToPod => TcAttachType::Ingress,
         }
     }
 }
@@ -67,6 +82,7 @@ pub struct Datapath {
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValueRaw>,
     cidr: LpmTrie<MapData, Addr16, u32>,
     policy_drops: HashMap<MapData, PolicyDropKey, u64>,
+    policy_allowed: PerCpuArray<MapData, u64>,
     cur_policy: BTreeMap<EntryKey, EntryValue>,
     cur_cidr: BTreeMap<IpNet, Identity>,
     // What this process wrote; the maps are created fresh by load(), so this
@@ -140,7 +156,7 @@ impl Datapath {
     /// Encryption starts disabled (an all-zero `veil_config`).
     pub fn load() -> Result<Self, Error> {
         let mut bpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
-        for name in [FROM_POD, TO_POD] {
+        for name in [FROM_POD, TO_POD, INTO_POD] {
             let prog: &mut SchedClassifier = bpf
                 .program_mut(name)
                 .ok_or(Error::MissingProgram { name })?
@@ -159,7 +175,9 @@ impl Datapath {
         let policy = take_map(&mut bpf, "veil_policy")?;
         let cidr = take_map(&mut bpf, "veil_cidr")?;
         let policy_drops = take_map(&mut bpf, "veil_policy_drops")?;
+        let policy_allowed = take_map(&mut bpf, "veil_policy_allowed")?;
         Ok(Self {
+            policy_allowed,
             policy,
             cidr,
             policy_drops,
@@ -235,8 +253,8 @@ impl Datapath {
         self.write_config()
     }
 
-    /// Attaches `from_pod` at TC ingress of a pod's host-side veth, adding
-    /// the clsact qdisc if missing.
+    /// Attaches `from_pod` at TC ingress and `into_pod` at TC egress of a
+    /// pod's host-side veth, adding the clsact qdisc if missing.
     ///
     /// Fail closed across agent exit: the filter is a netlink (cls_bpf)
     /// filter, which holds its own reference on the program and maps, and is
@@ -267,19 +285,28 @@ impl Datapath {
                 })
             }
         }
+        // into_pod first: from_pod is what a restart must never lose, and
+        // an error here leaves the predecessor's from_pod in place.
+        self.swap_pod_filter(ifname, Hook::IntoPod)?;
+        self.swap_pod_filter(ifname, Hook::FromPod)
+    }
+
+    /// Replaces the filter of `hook` on a pod veth without a gap, between
+    /// [`POD_FILTER_PRIORITIES`] (each direction has its own filter list).
+    fn swap_pod_filter(&mut self, ifname: &str, hook: Hook) -> Result<(), Error> {
         let [a, b] = POD_FILTER_PRIORITIES;
-        let stale = match self.attach_pod_at(ifname, a)? {
+        let stale = match self.attach_pod_at(ifname, hook, a)? {
             true => b,
-            false => match self.attach_pod_at(ifname, b)? {
+            false => match self.attach_pod_at(ifname, hook, b)? {
                 true => a,
                 false => {
                     // Both taken: a predecessor died mid-swap. Replace b
                     // while a keeps steering, then drop a.
-                    self.detach_pod_at(ifname, b)?;
-                    if !self.attach_pod_at(ifname, b)? {
+                    self.detach_pod_at(ifname, hook, b)?;
+                    if !self.attach_pod_at(ifname, hook, b)? {
                         return Err(Error::Attach {
                             action: "attaching",
-                            prog: FROM_POD,
+                            prog: hook.name(),
                             ifname: ifname.into(),
                             source: Box::new(ProgramError::IOError(
                                 std::io::Error::from_raw_os_error(libc::EEXIST),
@@ -290,23 +317,23 @@ impl Datapath {
                 }
             },
         };
-        self.detach_pod_at(ifname, stale)?;
+        self.detach_pod_at(ifname, hook, stale)?;
         Ok(())
     }
 
-    /// Attaches `from_pod` at `priority`; `Ok(false)` if that slot is taken.
-    fn attach_pod_at(&mut self, ifname: &str, priority: u16) -> Result<bool, Error> {
-        let prog = self.prog_mut(Hook::FromPod)?;
+    /// Attaches `hook` at `priority`; `Ok(false)` if that slot is taken.
+    fn attach_pod_at(&mut self, ifname: &str, hook: Hook, priority: u16) -> Result<bool, Error> {
+        let prog = self.prog_mut(hook)?;
         let opts = TcAttachOptions::Netlink(NlOptions {
             priority,
             handle: POD_FILTER_HANDLE,
             classid: None,
         });
-        match prog.attach_with_options(ifname, TcAttachType::Ingress, opts) {
+        match prog.attach_with_options(ifname, hook.pod_side(), opts) {
             Ok(id) => {
                 let link = prog.take_link(id).map_err(|source| Error::Attach {
                     action: "taking the link of",
-                    prog: FROM_POD,
+                    prog: hook.name(),
                     ifname: ifname.into(),
                     source: Box::new(source),
                 })?;
@@ -319,18 +346,18 @@ impl Datapath {
             Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => Ok(false),
             Err(source) => Err(Error::Attach {
                 action: "attaching",
-                prog: FROM_POD,
+                prog: hook.name(),
                 ifname: ifname.into(),
                 source: Box::new(source),
             }),
         }
     }
 
-    /// Deletes the filter at `priority`, if any.
-    fn detach_pod_at(&mut self, ifname: &str, priority: u16) -> Result<(), Error> {
+    /// Deletes the filter of `hook` at `priority`, if any.
+    fn detach_pod_at(&mut self, ifname: &str, hook: Hook, priority: u16) -> Result<(), Error> {
         let link = match tc::SchedClassifierLink::attached(
             ifname,
-            TcAttachType::Ingress,
+            hook.pod_side(),
             priority,
             POD_FILTER_HANDLE,
             None,
@@ -352,18 +379,20 @@ impl Datapath {
             }
             Err(source) => Err(Error::Attach {
                 action: "detaching",
-                prog: FROM_POD,
+                prog: hook.name(),
                 ifname: ifname.into(),
                 source: Box::new(source),
             }),
         }
     }
 
-    /// Removes `from_pod` from a pod veth (both priorities). A missing
-    /// interface or filter is not an error.
+    /// Removes `from_pod` and `into_pod` from a pod veth (both priorities).
+    /// A missing interface or filter is not an error.
     pub fn detach_pod(&mut self, ifname: &str) -> Result<(), Error> {
-        for prio in POD_FILTER_PRIORITIES {
-            self.detach_pod_at(ifname, prio)?;
+        for hook in [Hook::FromPod, Hook::IntoPod] {
+            for prio in POD_FILTER_PRIORITIES {
+                self.detach_pod_at(ifname, hook, prio)?;
+            }
         }
         Ok(())
     }
@@ -399,7 +428,12 @@ impl Datapath {
                 }
                 ConfigRaw {
                     flags: if cfg.enabled { CFG_ENABLED } else { 0 }
-                        | if cfg.strict { CFG_STRICT } else { 0 },
+                        | if cfg.strict { CFG_STRICT } else { 0 }
+                        | if cfg.enabled && cfg.strict {
+                            CFG_REFUSE_PLAINTEXT
+                        } else {
+                            0
+                        },
                     tun_ifindex,
                     mss_v4,
                     mss_v6,
@@ -596,6 +630,27 @@ impl Datapath {
             if let Some(reason) = reason {
                 *out.entry((k.src, k.dst, dir, reason)).or_insert(0) += n;
             }
+        }
+        Ok(out)
+    }
+
+    /// Packets that passed identity policy, per direction enforced, summed
+    /// over CPUs (a packet judged for both ends counts once in each).
+    pub fn policy_allowed(&self) -> Result<PolicyAllowed, Error> {
+        let mut out = BTreeMap::new();
+        for dir in crate::policy::Direction::BOTH {
+            // DIR_INGRESS 0, DIR_EGRESS 1 (bpf/lib/policy.h).
+            let slot = dir as u32;
+            let per_cpu = self
+                .policy_allowed
+                .get(&slot, 0)
+                .map_err(|source| Error::Map {
+                    map: "veil_policy_allowed",
+                    key: dir.to_string(),
+                    source: Box::new(source),
+                })?;
+            let sum = per_cpu.iter().fold(0u64, |a, n| a.wrapping_add(*n));
+            out.insert(dir, sum);
         }
         Ok(out)
     }

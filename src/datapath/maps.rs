@@ -31,6 +31,9 @@ pub const ID_REMOTE_NODE: u32 = 4;
 pub const CFG_ENABLED: u32 = 1 << 0;
 /// `veil_config.flags`: drop remote-pod traffic while its peer is not ready.
 pub const CFG_STRICT: u32 = 1 << 1;
+/// `veil_config.flags`: strict mode converged; `into_pod` drops plaintext
+/// arriving from remote pods and nodes.
+pub const CFG_REFUSE_PLAINTEXT: u32 = 1 << 2;
 /// `veil_remote` value flag: the node's WireGuard peer is configured.
 pub const REMOTE_HAS_PEER: u32 = 1 << 0;
 /// `veil_remote` value flag: this node's own pod CIDR (never steered, never dropped).

@@ -38,6 +38,8 @@ fn sample() -> Snapshot {
         .insert((Direction::Ingress, Reason::DropPolicy), 8);
     s.policy_denied
         .insert((Direction::Egress, Reason::DropPolicyUnencrypted), 1);
+    s.policy_allowed.insert(Direction::Ingress, 40);
+    s.policy_allowed.insert(Direction::Egress, 41);
     s
 }
 
@@ -83,6 +85,14 @@ fn renders_every_metric_with_its_labels_and_value() {
         (
             "veil_policy_verdicts_total{verdict=\"denied_unencrypted\",direction=\"egress\"}",
             "1",
+        ),
+        (
+            "veil_policy_verdicts_total{verdict=\"allowed\",direction=\"ingress\"}",
+            "40",
+        ),
+        (
+            "veil_policy_verdicts_total{verdict=\"allowed\",direction=\"egress\"}",
+            "41",
         ),
         ("veil_engine_packets_total{path=\"tun_rx\"}", "10"),
         ("veil_reconcile_errors_total", "2"),
