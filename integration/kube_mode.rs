@@ -118,6 +118,10 @@ fn list_items(path: &str) -> Option<(&'static str, &'static str, Vec<Value>)> {
         "/apis/veil.dev/v1alpha1/veilidentities" => {
             ("veil.dev/v1alpha1", "VeilIdentityList", vec![])
         }
+        "/apis/networking.k8s.io/v1/networkpolicies" => {
+            ("networking.k8s.io/v1", "NetworkPolicyList", vec![])
+        }
+        "/apis/veil.dev/v1alpha1/veilpolicies" => ("veil.dev/v1alpha1", "VeilPolicyList", vec![]),
         "/apis/veil.dev/v1alpha1/veilclusterconfigs" => (
             "veil.dev/v1alpha1",
             "VeilClusterConfigList",

@@ -1,9 +1,10 @@
 //! The kube source: cluster state from the Kubernetes API server.
 //!
-//! One [`watcher`] per kind (Nodes, Pods, Namespaces, and the Veil kinds
-//! `VeilNode` and `VeilClusterConfig`) feeds a store of converted objects.
-//! The conversions are the ones the file source uses (`NodeInfo::try_from(&Node)`
-//! and friends, in [`super::objects`]), so both sources agree on what an
+//! One [`watcher`] per kind (Nodes, Pods, Namespaces, NetworkPolicies, and the
+//! Veil kinds `VeilNode`, `VeilClusterConfig`, `VeilIdentity` and `VeilPolicy`)
+//! feeds a store of converted objects. The conversions are the ones the file
+//! source uses (`NodeInfo::try_from(&Node)` and friends, in [`super::objects`];
+//! `Policy::try_from` for both policy kinds), so both sources agree on what an
 //! object means and what is wrong with it.
 //!
 //! Failure handling follows the file source's rule, applied to the API:
@@ -34,6 +35,7 @@ use ::kube::runtime::WatchStreamExt;
 use ::kube::Client;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
@@ -165,16 +167,20 @@ enum Kind {
     VeilNode,
     VeilClusterConfig,
     VeilIdentity,
+    NetworkPolicy,
+    VeilPolicy,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 8] = [
         Kind::Node,
         Kind::Pod,
         Kind::Namespace,
         Kind::VeilNode,
         Kind::VeilClusterConfig,
         Kind::VeilIdentity,
+        Kind::NetworkPolicy,
+        Kind::VeilPolicy,
     ];
 
     fn name(self) -> &'static str {
@@ -185,6 +191,8 @@ impl Kind {
             Kind::VeilNode => VeilNode::KIND,
             Kind::VeilClusterConfig => VeilClusterConfig::KIND,
             Kind::VeilIdentity => super::identity::VeilIdentity::KIND,
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::VeilPolicy => crate::policy::VeilPolicy::KIND,
         }
     }
 
@@ -196,13 +204,15 @@ impl Kind {
             .filter(|n| !n.is_empty())
             .unwrap_or("<no name>");
         match self {
-            Kind::Pod => {
+            // The namespaced kinds; `default` for a missing namespace, as
+            // `PolicyRef` and the file source do.
+            Kind::Pod | Kind::NetworkPolicy | Kind::VeilPolicy => {
                 let ns = meta
                     .namespace
                     .as_deref()
                     .filter(|n| !n.is_empty())
                     .unwrap_or("default");
-                format!("Pod/{ns}/{name}")
+                format!("{}/{ns}/{name}", self.name())
             }
             _ => format!("{}/{name}", self.name()),
         }
@@ -394,6 +404,12 @@ pub fn veil_identity_resource() -> ApiResource {
     veil_resource(super::identity::VeilIdentity::KIND, "veilidentities")
 }
 
+/// `veil.dev/v1alpha1 VeilPolicy` (namespaced, plural `veilpolicies`), watched
+/// in all namespaces at once.
+pub fn veil_policy_resource() -> ApiResource {
+    veil_resource(crate::policy::VeilPolicy::KIND, "veilpolicies")
+}
+
 /// Reads a dynamic object as one of the typed Veil structs. Goes through
 /// JSON: `DynamicObject` keeps unknown fields as JSON, exactly what the typed
 /// struct was designed to read.
@@ -432,6 +448,19 @@ fn convert_veil_identity(obj: &DynamicObject) -> Result<Object, String> {
     let v: super::identity::VeilIdentity = typed(obj)?;
     super::identity::PublishedIdentity::try_from(&v)
         .map(Object::Identity)
+        .map_err(|e| e.to_string())
+}
+
+fn convert_network_policy(np: &NetworkPolicy) -> Result<Object, String> {
+    crate::policy::Policy::try_from(np)
+        .map(Object::Policy)
+        .map_err(|e| e.to_string())
+}
+
+fn convert_veil_policy(obj: &DynamicObject) -> Result<Object, String> {
+    let vp: crate::policy::VeilPolicy = typed(obj)?;
+    crate::policy::Policy::try_from(&vp)
+        .map(Object::Policy)
         .map_err(|e| e.to_string())
 }
 
@@ -537,6 +566,22 @@ impl KubeSource {
                 backoff,
                 &shared,
                 convert_veil_identity,
+            ),
+            spawn_watcher(
+                Api::<NetworkPolicy>::all(client.clone()),
+                Kind::NetworkPolicy,
+                &wc,
+                backoff,
+                &shared,
+                convert_network_policy,
+            ),
+            spawn_watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &veil_policy_resource()),
+                Kind::VeilPolicy,
+                &wc,
+                backoff,
+                &shared,
+                convert_veil_policy,
             ),
         ];
         Self {

@@ -72,4 +72,15 @@ pub const API_ACCESS: &[ApiAccess] = &[
         resource: "veilidentities",
         verbs: &["list", "watch", "create", "get", "delete"],
     },
+    // Policies, read only: both kinds compile into the BPF policy maps.
+    ApiAccess {
+        group: "networking.k8s.io",
+        resource: "networkpolicies",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilpolicies",
+        verbs: &["list", "watch"],
+    },
 ];

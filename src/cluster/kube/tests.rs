@@ -3,7 +3,7 @@
 //! verifier plays one [`Scenario`] per test, checking each request the
 //! source makes (method, path, query, body) and answering it.
 //!
-//! Five watchers run at once, so requests for different kinds interleave in
+//! All watchers run at once, so requests for different kinds interleave in
 //! no fixed order. The verifier therefore routes by resource: requests for
 //! the kinds a scenario is about are checked in order; the others get a
 //! neutral answer (an empty list, then a watch that stays open).
@@ -45,16 +45,20 @@ enum Res {
     VeilNodes,
     VeilClusterConfigs,
     VeilIdentities,
+    NetworkPolicies,
+    VeilPolicies,
 }
 
 impl Res {
-    const ALL: [Res; 6] = [
+    const ALL: [Res; 8] = [
         Res::Nodes,
         Res::Pods,
         Res::Namespaces,
         Res::VeilNodes,
         Res::VeilClusterConfigs,
         Res::VeilIdentities,
+        Res::NetworkPolicies,
+        Res::VeilPolicies,
     ];
 
     fn path(self) -> &'static str {
@@ -65,13 +69,18 @@ impl Res {
             Res::VeilNodes => "/apis/veil.dev/v1alpha1/veilnodes",
             Res::VeilClusterConfigs => "/apis/veil.dev/v1alpha1/veilclusterconfigs",
             Res::VeilIdentities => "/apis/veil.dev/v1alpha1/veilidentities",
+            Res::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Res::VeilPolicies => "/apis/veil.dev/v1alpha1/veilpolicies",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Res::Nodes | Res::Pods | Res::Namespaces => "v1",
-            Res::VeilNodes | Res::VeilClusterConfigs | Res::VeilIdentities => "veil.dev/v1alpha1",
+            Res::VeilNodes | Res::VeilClusterConfigs | Res::VeilIdentities | Res::VeilPolicies => {
+                "veil.dev/v1alpha1"
+            }
+            Res::NetworkPolicies => "networking.k8s.io/v1",
         }
     }
 
@@ -83,6 +92,8 @@ impl Res {
             Res::VeilNodes => "VeilNode",
             Res::VeilClusterConfigs => "VeilClusterConfig",
             Res::VeilIdentities => "VeilIdentity",
+            Res::NetworkPolicies => "NetworkPolicy",
+            Res::VeilPolicies => "VeilPolicy",
         }
     }
 
@@ -99,7 +110,9 @@ impl Res {
     /// The object reference diagnostics use.
     fn object_ref(self, name: &str) -> String {
         match self {
-            Res::Pods => format!("Pod/prod/{name}"),
+            Res::Pods | Res::NetworkPolicies | Res::VeilPolicies => {
+                format!("{}/prod/{name}", self.kind())
+            }
             _ => format!("{}/{name}", self.kind()),
         }
     }
@@ -144,6 +157,23 @@ impl Res {
                 "metadata": meta(json!({})),
                 "spec": {"namespace": "prod", "labels": {"version": v.to_string()}},
             }),
+            // `v` is the allowed port (8000 + v) of the first ingress rule.
+            Res::NetworkPolicies => json!({
+                "metadata": meta(json!({"namespace": "prod"})),
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"ports": [{"protocol": "TCP", "port": 8000 + u16::from(v)}]}],
+                },
+            }),
+            Res::VeilPolicies => json!({
+                "metadata": meta(json!({"namespace": "prod"})),
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"ports": [{"protocol": "TCP", "port": 8000 + u16::from(v)}]}],
+                    "ingressDeny": [{"from": [{"ipBlock": {"cidr": "10.244.9.0/24"}}]}],
+                    "requireEncryption": true,
+                },
+            }),
         };
         self.typed(body)
     }
@@ -162,6 +192,14 @@ impl Res {
             Res::VeilNodes => ("spec", json!({"publicKey": "c2hvcnQ="})),
             Res::VeilClusterConfigs => ("spec", json!({"clusterPodCIDRs": ["10.0.0.0/99"]})),
             Res::VeilIdentities => ("spec", json!({"namespace": "Not_A_Namespace"})),
+            Res::NetworkPolicies => (
+                "spec",
+                json!({"podSelector": {}, "policyTypes": ["Sideways"]}),
+            ),
+            Res::VeilPolicies => (
+                "spec",
+                json!({"podSelector": {}, "ingressDeny": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/99"}}]}]}),
+            ),
         };
         obj[broken.0] = broken.1;
         obj
@@ -201,6 +239,16 @@ impl Res {
                 .and_then(|n| state.identities.get(&crate::identity::Identity(n)))
                 .and_then(|k| k.labels.get("version"))
                 .and_then(|v| v.parse().ok()),
+            Res::NetworkPolicies | Res::VeilPolicies => state
+                .policies
+                .get(&self.object_ref(name))
+                .and_then(|p| p.allow[0].first()?.ports.as_ref()?.first().cloned())
+                .and_then(|port| match port {
+                    crate::policy::PortMatch::Range { lo, .. } => {
+                        u8::try_from(lo.checked_sub(8000)?).ok()
+                    }
+                    crate::policy::PortMatch::Named { .. } => None,
+                }),
         }
     }
 
@@ -491,7 +539,7 @@ impl ApiServerVerifier {
                 && d.iter()
                     .filter(|d| d.problem.contains("initial list not received"))
                     .count()
-                    == 6
+                    == Res::ALL.len()
         })
         .await;
         let mut watches = Vec::new();
@@ -511,6 +559,8 @@ impl ApiServerVerifier {
                     res.sample("other", 9, 6),
                 ],
                 Res::VeilIdentities => vec![res.sample("300", 7, 5), res.invalid("301", 6)],
+                Res::NetworkPolicies => vec![res.sample("allow", 8, 5), res.invalid("bad", 6)],
+                Res::VeilPolicies => vec![res.sample("allow", 9, 5), res.invalid("bad", 6)],
             };
             self.next_of(res, Verb::List).await.list(items, 10);
             let watch = self.next_of(res, Verb::Watch).await;
@@ -555,6 +605,17 @@ impl ApiServerVerifier {
             Some(44)
         );
         assert_eq!(Res::VeilIdentities.observed(&state, "300"), Some(7));
+        assert_eq!(Res::NetworkPolicies.observed(&state, "allow"), Some(8));
+        assert_eq!(Res::VeilPolicies.observed(&state, "allow"), Some(9));
+        let vp = &state.policies["VeilPolicy/prod/allow"];
+        assert!(vp.require_encryption && vp.deny[0].len() == 1, "{vp:#?}");
+        assert_eq!(
+            state
+                .origins
+                .get("NetworkPolicy/prod/allow")
+                .map(String::as_str),
+            Some("kube")
+        );
         assert_eq!(
             state.origins.get("Node/n1").map(String::as_str),
             Some("kube")
@@ -568,6 +629,8 @@ impl ApiServerVerifier {
             ("Pod/prod/bad", "status.podIP"),
             ("VeilNode/bad", "spec.publicKey"),
             ("VeilIdentity/301", "spec.namespace"),
+            ("NetworkPolicy/prod/bad", "spec.policyTypes"),
+            ("VeilPolicy/prod/bad", "spec.ingressDeny"),
             (
                 "VeilClusterConfig/other",
                 "only the VeilClusterConfig named",
@@ -1171,6 +1234,16 @@ async fn veil_node_events() {
 #[tokio::test]
 async fn cluster_config_events() {
     play(Scenario::Events(Res::VeilClusterConfigs)).await;
+}
+
+#[tokio::test]
+async fn network_policy_events() {
+    play(Scenario::Events(Res::NetworkPolicies)).await;
+}
+
+#[tokio::test]
+async fn veil_policy_events() {
+    play(Scenario::Events(Res::VeilPolicies)).await;
 }
 
 #[tokio::test]
