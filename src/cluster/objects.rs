@@ -305,6 +305,19 @@ pub struct ClusterCondition {
     pub total_nodes: u32,
 }
 
+/// The `status` a node's agent writes for its [`NodeKeyStatus`]; every
+/// source (file, kube) writes it through this one conversion.
+impl From<&NodeKeyStatus> for VeilNodeStatus {
+    fn from(s: &NodeKeyStatus) -> Self {
+        VeilNodeStatus {
+            key_since: s.key_since,
+            peer_generations: s.peers.clone(),
+            encryption: s.encryption.as_ref().map(Into::into),
+            session_generations: s.sessions.clone(),
+        }
+    }
+}
+
 /// `veil.dev/v1alpha1 VeilNode`, cluster-scoped, named after the node.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -788,12 +801,7 @@ impl From<&Announcement> for VeilNode {
             },
         );
         if a.status != NodeKeyStatus::default() {
-            vn.status = Some(VeilNodeStatus {
-                key_since: a.status.key_since,
-                peer_generations: a.status.peers.clone(),
-                encryption: a.status.encryption.as_ref().map(Into::into),
-                session_generations: a.status.sessions.clone(),
-            });
+            vn.status = Some(VeilNodeStatus::from(&a.status));
         }
         vn
     }

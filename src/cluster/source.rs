@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::file::FileSource;
 use super::kube::{KubeSource, KubeSourceConfig};
 use super::objects::VeilNodeStatus;
-use super::{Announcement, ClusterState, Diagnostic, NodeKeyStatus};
+use super::{Announcement, ClusterState, Diagnostic};
 use crate::identity::{Identity, IdentityKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -276,16 +276,6 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<::kube::Client, Er
     ::kube::Client::try_from(config).map_err(|e| problem(&e))
 }
 
-/// `status` of a `VeilNode` as the CRD stores it.
-fn node_status(s: &NodeKeyStatus) -> VeilNodeStatus {
-    VeilNodeStatus {
-        key_since: s.key_since,
-        peer_generations: s.peers.clone(),
-        encryption: s.encryption.as_ref().map(Into::into),
-        session_generations: s.sessions.clone(),
-    }
-}
-
 /// Applies the latest queued announcement: the object by server-side apply,
 /// then its status through the status subresource (the main resource ignores
 /// `status` once the CRD enables the subresource). Retries with doubling
@@ -304,7 +294,7 @@ async fn publish_loop(source: Arc<KubeSource>, mut rx: watch::Receiver<Option<An
         let result = match source.publish_announcement(&a).await {
             Ok(()) => {
                 source
-                    .patch_node_status(&a.node, &node_status(&a.status))
+                    .patch_node_status(&a.node, &VeilNodeStatus::from(&a.status))
                     .await
             }
             Err(e) => Err(e),
