@@ -983,25 +983,16 @@ fn ifindex_in(ns: &Netns, dev: &str) -> u32 {
     out.trim().parse().expect("ifindex")
 }
 
-/// The real paths, in namespaces: a packet written into the TUN reaches the
-/// pod's socket through to_pod (change_head + redirect_peer), and a packet
-/// the pod sends to a remote pod comes out of the TUN (from_pod's redirect
-/// strips the Ethernet header), MSS clamped.
-#[test]
-fn tun_to_pod_and_pod_to_tun_end_to_end() {
-    require_root();
-    let p = unique_prefix();
-    let node = Netns::new(format!("{p}n"));
-    let pod = Netns::new(format!("{p}q"));
-    let tun = format!("{p}t");
-    let host = format!("{p}h");
-    node.exec_ok(&["ip", "tuntap", "add", "dev", &tun, "mode", "tun"]);
-    node.exec_ok(&["ip", "link", "set", &tun, "mtu", &TUN_MTU.to_string(), "up"]);
+/// Puts pod 10.244.0.10 behind veth `host` of `node`: the pod's default route
+/// goes via 10.244.0.1 with a permanent neighbour entry for it, at
+/// `gateway_mac` or (None) at the host veth's own MAC, the one the node must
+/// see as destination to route the frames (anything else is PACKET_OTHERHOST).
+fn plug_pod(node: &Netns, pod: &Netns, host: &str, gateway_mac: Option<&str>) {
     node.exec_ok(&[
         "ip",
         "link",
         "add",
-        &host,
+        host,
         "type",
         "veth",
         "peer",
@@ -1010,7 +1001,7 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
         "netns",
         pod.name(),
     ]);
-    node.exec_ok(&["ip", "link", "set", &host, "up"]);
+    node.exec_ok(&["ip", "link", "set", host, "up"]);
     pod.exec_ok(&["ip", "addr", "add", "10.244.0.10/32", "dev", "eth0"]);
     pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
     pod.exec_ok(&[
@@ -1033,18 +1024,37 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
         "dev",
         "eth0",
     ]);
+    let host_mac = node.exec_ok(&["cat", &format!("/sys/class/net/{host}/address")]);
+    let mac = gateway_mac.unwrap_or(host_mac.trim());
     pod.exec_ok(&[
         "ip",
         "neigh",
         "add",
         "10.244.0.1",
         "lladdr",
-        "aa:bb:cc:00:00:fe",
+        mac,
         "dev",
         "eth0",
         "nud",
         "permanent",
     ]);
+}
+
+/// The real paths, in namespaces: a packet written into the TUN reaches the
+/// pod's socket through to_pod (change_head + redirect_peer), and a packet
+/// the pod sends to a remote pod comes out of the TUN (from_pod's redirect
+/// strips the Ethernet header), MSS clamped.
+#[test]
+fn tun_to_pod_and_pod_to_tun_end_to_end() {
+    require_root();
+    let p = unique_prefix();
+    let node = Netns::new(format!("{p}n"));
+    let pod = Netns::new(format!("{p}q"));
+    let tun = format!("{p}t");
+    let host = format!("{p}h");
+    node.exec_ok(&["ip", "tuntap", "add", "dev", &tun, "mode", "tun"]);
+    node.exec_ok(&["ip", "link", "set", &tun, "mtu", &TUN_MTU.to_string(), "up"]);
+    plug_pod(&node, &pod, &host, Some("aa:bb:cc:00:00:fe"));
     let tun_ifindex = ifindex_in(&node, &tun);
     let host_ifindex = ifindex_in(&node, &host);
 
@@ -1198,58 +1208,8 @@ fn fail_closed_after_agent_exit_no_plaintext_leak() {
     pod.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
     node.exec_ok(&["ip", "tuntap", "add", "dev", &tun, "mode", "tun"]);
     node.exec_ok(&["ip", "link", "set", &tun, "up"]);
-    node.exec_ok(&[
-        "ip",
-        "link",
-        "add",
-        &host,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ]);
-    node.exec_ok(&["ip", "link", "set", &host, "up"]);
+    plug_pod(&node, &pod, &host, None);
     node.exec_ok(&["ip", "route", "add", "10.244.0.10/32", "dev", &host]);
-    pod.exec_ok(&["ip", "addr", "add", "10.244.0.10/32", "dev", "eth0"]);
-    pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-    pod.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        "10.244.0.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ]);
-    pod.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.244.0.1",
-        "dev",
-        "eth0",
-    ]);
-    // The gateway must be the host veth's own MAC, or the node would see
-    // the frames as PACKET_OTHERHOST and never route them.
-    let host_mac = node.exec_ok(&["cat", &format!("/sys/class/net/{host}/address")]);
-    pod.exec_ok(&[
-        "ip",
-        "neigh",
-        "add",
-        "10.244.0.1",
-        "lladdr",
-        host_mac.trim(),
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
     // The "underlay": a veth pair inside the node; whatever the node sends
     // out of ul0 is counted as received on ul1.
     node.exec_ok(&[

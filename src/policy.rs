@@ -348,20 +348,9 @@ fn ingress_rules(
     field: &str,
     rules: Option<&[NetworkPolicyIngressRule]>,
 ) -> Result<Vec<Rule>, PolicyError> {
-    rules
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            rule(
-                id,
-                &format!("{field}[{i}]"),
-                "from",
-                r.from.as_deref(),
-                r.ports.as_deref(),
-            )
-        })
-        .collect()
+    each_rule(id, field, "from", rules, |r| {
+        (r.from.as_deref(), r.ports.as_deref())
+    })
 }
 
 fn egress_rules(
@@ -369,18 +358,27 @@ fn egress_rules(
     field: &str,
     rules: Option<&[NetworkPolicyEgressRule]>,
 ) -> Result<Vec<Rule>, PolicyError> {
+    each_rule(id, field, "to", rules, |r| {
+        (r.to.as_deref(), r.ports.as_deref())
+    })
+}
+
+/// Converts `field[i]` for every rule of one direction; `parts` picks the
+/// peers list (`from` or `to`) and the ports of a rule.
+fn each_rule<R>(
+    id: &PolicyRef,
+    field: &str,
+    peers_field: &str,
+    rules: Option<&[R]>,
+    parts: impl Fn(&R) -> (Option<&[NetworkPolicyPeer]>, Option<&[NetworkPolicyPort]>),
+) -> Result<Vec<Rule>, PolicyError> {
     rules
         .unwrap_or_default()
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            rule(
-                id,
-                &format!("{field}[{i}]"),
-                "to",
-                r.to.as_deref(),
-                r.ports.as_deref(),
-            )
+            let (peers, ports) = parts(r);
+            rule(id, &format!("{field}[{i}]"), peers_field, peers, ports)
         })
         .collect()
 }
