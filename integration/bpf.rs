@@ -255,6 +255,24 @@ fn count(dp: &Datapath, r: Reason) -> (u64, u64) {
     dp.metrics().expect("metrics")[&r]
 }
 
+/// A remote map with one pod CIDR.
+fn one_remote(
+    cidr: &str,
+    has_peer: bool,
+    local: bool,
+    node_id: u32,
+) -> BTreeMap<IpNet, RemoteValue> {
+    let cidr = cidr.parse::<IpNet>().expect("test CIDR");
+    BTreeMap::from([(
+        cidr,
+        RemoteValue {
+            has_peer,
+            local,
+            node_id,
+        },
+    )])
+}
+
 fn setup(enabled: bool, strict: bool) -> Datapath {
     require_root();
     let mut dp = Datapath::load().expect("load the datapath");
@@ -288,15 +306,7 @@ fn setup(enabled: bool, strict: bool) -> Datapath {
         },
     );
     dp.sync_endpoints(&eps).expect("endpoints");
-    let mut remote = BTreeMap::new();
-    remote.insert(
-        "10.244.1.0/24".parse::<IpNet>().unwrap(),
-        RemoteValue {
-            has_peer: true,
-            local: false,
-            node_id: 1,
-        },
-    );
+    let mut remote = one_remote("10.244.1.0/24", true, false, 1);
     remote.insert(
         "10.244.2.0/24".parse::<IpNet>().unwrap(),
         RemoteValue {
@@ -1096,15 +1106,7 @@ fn tun_to_pod_and_pod_to_tun_end_to_end() {
             },
         );
         dp.sync_endpoints(&eps).unwrap();
-        let mut remote = BTreeMap::new();
-        remote.insert(
-            "10.244.1.0/24".parse::<IpNet>().unwrap(),
-            RemoteValue {
-                has_peer: true,
-                local: false,
-                node_id: 1,
-            },
-        );
+        let remote = one_remote("10.244.1.0/24", true, false, 1);
         dp.sync_remote(&remote).unwrap();
         dp.attach_pod(&host_name).expect("attach_pod");
         (dp, open_tun(&tun_name))
@@ -1278,15 +1280,7 @@ fn fail_closed_after_agent_exit_no_plaintext_leak() {
             tun_mtu: TUN_MTU,
         })
         .unwrap();
-        let mut remote = BTreeMap::new();
-        remote.insert(
-            "10.244.1.0/24".parse::<IpNet>().unwrap(),
-            RemoteValue {
-                has_peer: true,
-                local: false,
-                node_id: 1,
-            },
-        );
+        let remote = one_remote("10.244.1.0/24", true, false, 1);
         dp.sync_remote(&remote).unwrap();
         dp.attach_pod(&dev).expect("attach_pod");
     });
@@ -1346,15 +1340,7 @@ fn fail_closed_after_agent_exit_no_plaintext_leak() {
                 tun_mtu: TUN_MTU,
             })
             .unwrap();
-            let mut remote = BTreeMap::new();
-            remote.insert(
-                "10.244.1.0/24".parse::<IpNet>().unwrap(),
-                RemoteValue {
-                    has_peer: true,
-                    local: false,
-                    node_id: 1,
-                },
-            );
+            let remote = one_remote("10.244.1.0/24", true, false, 1);
             dp.sync_remote(&remote).unwrap();
             dp.attach_pod(&dev).expect("attach_pod over a predecessor");
         });
@@ -1433,15 +1419,7 @@ fn into_pod_refuses_plaintext_from_remote_sources_only_when_strict() {
 
     // This node's own CIDR carved out of a covering cluster range: a local
     // address there is not remote.
-    let mut remote = BTreeMap::new();
-    remote.insert(
-        "10.244.0.0/16".parse::<IpNet>().unwrap(),
-        RemoteValue {
-            has_peer: false,
-            local: false,
-            node_id: 0,
-        },
-    );
+    let mut remote = one_remote("10.244.0.0/16", false, false, 0);
     remote.insert(
         "10.244.0.0/24".parse::<IpNet>().unwrap(),
         RemoteValue {
