@@ -130,6 +130,12 @@ pub enum Error {
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     memory::phase("start");
+    // First, while the process is smallest: loading parses the kernel's BTF
+    // (aya 0.14 always does, ~20 MiB for a moment), and that transient is the
+    // agent's peak memory; done here it does not add to the engine's buffers
+    // and threads. Nothing is attached until the TUN exists (below).
+    let mut datapath = Datapath::load()?;
+    memory::phase("bpf_loaded");
     let metrics = crate::metrics::Metrics::default();
     let _metrics_server = observe::start_server(cfg.metrics_addr, &metrics).await?;
     let store = keymgr::KeyStore::new(&cfg.key_dir);
@@ -202,9 +208,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         "node identity loaded"
     );
 
-    let mut datapath = Datapath::load()?;
     datapath.attach_tun(engine.tun_name())?;
-    memory::phase("datapath_loaded");
+    memory::phase("tun_attached");
     let netlink = Netlink::connect()?;
 
     let source = Source::open(&cfg.source).await?;
