@@ -37,6 +37,7 @@ pub const DEFAULT_MTU: u16 = 1420;
 pub const DEFAULT_PORT: u16 = 51820;
 pub const DEFAULT_TUN: &str = "veil0";
 
+mod memory;
 mod observe;
 
 #[derive(Debug, Clone)]
@@ -128,6 +129,13 @@ pub enum Error {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    memory::phase("start");
+    // First, while the process is smallest: loading parses the kernel's BTF
+    // (aya 0.14 always does, ~20 MiB for a moment), and that transient is the
+    // agent's peak memory; done here it does not add to the engine's buffers
+    // and threads. Nothing is attached until the TUN exists (below).
+    let mut datapath = Datapath::load()?;
+    memory::phase("bpf_loaded");
     let metrics = crate::metrics::Metrics::default();
     let _metrics_server = observe::start_server(cfg.metrics_addr, &metrics).await?;
     let store = keymgr::KeyStore::new(&cfg.key_dir);
@@ -156,6 +164,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         generation = key.generation,
         "WireGuard engine up"
     );
+    memory::phase("engine_started");
     disable_rp_filter(engine.tun_name());
     let previous_until = restore_previous_key(&store, &engine);
     let previous_key = match store.load_previous_wireguard() {
@@ -199,12 +208,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         "node identity loaded"
     );
 
-    let mut datapath = Datapath::load()?;
     datapath.attach_tun(engine.tun_name())?;
+    memory::phase("tun_attached");
     let netlink = Netlink::connect()?;
 
     let source = Source::open(&cfg.source).await?;
     info!(source = source.kind(), "cluster source open");
+    memory::phase("source_open");
     // Kube mode: every agent keeps VeilClusterConfig.status current (see
     // ARCHITECTURE.md, "Who writes VeilClusterConfig.status").
     let cluster_status = source
@@ -240,6 +250,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut resync = tokio::time::interval(cfg.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut first_pass = true;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -250,8 +261,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         // Never program the datapath from a partial (unsynced) state.
         let errors_before = cfg.error_count.get();
         let pass = if node.source.synced() {
+            if first_pass {
+                memory::phase("first_load");
+            }
             identities.step(&mut node.source, &mut state).await;
             node.reconcile(&state, diags).await;
+            if std::mem::take(&mut first_pass) {
+                memory::phase("first_reconcile");
+            }
             if let Some(writer) = &cluster_status {
                 writer.update(&state);
             }

@@ -384,7 +384,9 @@ fn main() -> ExitCode {
     // Agents log at info: debug logging would cost the engine time during the runs.
     // Set before any thread exists (set_var is not thread-safe).
     if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "info");
+        // Except the agent's memory lines: a few at start, none during runs;
+        // the memory report's breakdown is built from them.
+        std::env::set_var("RUST_LOG", "info,veil::agent::memory=debug");
     }
     install_signal_handlers();
     let start = Instant::now();

@@ -349,6 +349,7 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
 /// `harness = false` binary compiles no `#[test]`s): a parser that drifted
 /// would otherwise print garbage instead of failing.
 pub fn self_test() {
+    crate::memory::self_test();
     {
         let stat = "cpu  100 5 50 1000 20 3 2 1 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
         assert_eq!(parse_system_busy(stat), Some(161));

@@ -298,6 +298,9 @@ pub fn render(
                 verdict(rss <= 40.0),
                 verdict(hwm <= 40.0)
             );
+            if let Some(line) = m.breakdown() {
+                let _ = writeln!(md, "- {line}");
+            }
         }
         None => {
             let _ = writeln!(md, "- agent memory: not measured in this run");
