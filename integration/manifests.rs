@@ -663,6 +663,13 @@ fn cel_rules_are_sane_bounded_and_where_expected() {
         ("VeilNode", ".spec.endpoint", ".contains(':')"),
         ("VeilIdentity", "", "int(self.metadata.name) >= 256"),
         ("VeilIdentity", "", "self.spec == oldSelf.spec"),
+        ("VeilNodeCertificate", "", "self.metadata.name.matches("),
+        (
+            "VeilNodeCertificate",
+            ".spec",
+            "self.notAfter > self.notBefore",
+        ),
+        ("VeilKeyRotation", "", "self.metadata.name.matches("),
     ];
     for (kind, path, needle) in expected {
         assert!(
@@ -762,6 +769,33 @@ status:
     assert_schema_keeps("VeilNode", &crds["VeilNode"].1, &value, "");
     // The kube-derive root reads and writes the same document.
     let crd_typed: VeilNodeCrd = serde_json::from_value(value.clone()).expect("as VeilNodeCrd");
+    assert_eq!(serde_json::to_value(&crd_typed).expect("serialize"), value);
+
+    // Certificates and rotation requests: the objects veilctl writes.
+    let cert = keymgr::AuthorityKey::from_seed([1; 32])
+        .certify(
+            "n1",
+            keymgr::IdentityKey::from_seed([2; 32]).public_key(),
+            1_000,
+            2_000,
+        )
+        .expect("certificate");
+    let value = serde_json::to_value(veil::cluster::trust::CertificateObject::new(&cert))
+        .expect("serialize");
+    assert_schema_keeps(
+        "VeilNodeCertificate",
+        &crds["VeilNodeCertificate"].1,
+        &value,
+        "",
+    );
+    let crd_typed: veil::cluster::trust::VeilNodeCertificateCrd =
+        serde_json::from_value(value.clone()).expect("as VeilNodeCertificateCrd");
+    assert_eq!(serde_json::to_value(&crd_typed).expect("serialize"), value);
+    let value = serde_json::to_value(veil::cluster::trust::RotationObject::new("n1", 4))
+        .expect("serialize");
+    assert_schema_keeps("VeilKeyRotation", &crds["VeilKeyRotation"].1, &value, "");
+    let crd_typed: veil::cluster::trust::VeilKeyRotationCrd =
+        serde_json::from_value(value.clone()).expect("as VeilKeyRotationCrd");
     assert_eq!(serde_json::to_value(&crd_typed).expect("serialize"), value);
 
     let config: VeilClusterConfig = serde_yaml::from_str(
