@@ -522,6 +522,47 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
         "{metrics}"
     );
 
+    // veilctl without --cluster-dir reads the same API: one list per kind.
+    let veilctl = |args: &[&str]| {
+        let mut c = ns.cmd(VEILCTL_BIN);
+        c.arg("--kubeconfig").arg(&kc).args(args);
+        c.output().expect("run veilctl")
+    };
+    let before = api.seen().len();
+    let out = veilctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "veilctl status: {out:?}");
+    assert!(
+        text.contains("encryption: enabled  strict: on  cluster pod CIDRs: 10.244.0.0/16")
+            && text
+                .lines()
+                .any(|l| l.starts_with(NODE) && l.contains("10.244.1.0/24")),
+        "{text}"
+    );
+    for kind in ["veilnodecertificates", "veilkeyrotations", "veilidentities"] {
+        assert!(
+            api.seen()[before..].iter().any(|s| s.method == "GET"
+                && s.target.split('?').next()
+                    == Some(format!("/apis/veil.dev/v1alpha1/{kind}").as_str())
+                && !s.target.contains("watch=true")),
+            "veilctl did not list {kind}"
+        );
+    }
+    // The fake server keeps no VeilNode (applies are only echoed): refused
+    // before anything is written.
+    let out = veilctl(&["keys", "rotate", "--node", NODE]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("n1 is not a Veil node with an announcement"),
+        "{out:?}"
+    );
+    assert!(
+        !api.seen()
+            .iter()
+            .any(|s| s.target.contains("veilkeyrotations/")),
+        "a rotation request was written"
+    );
+
     // 3. The API server goes away: the last good state stays in force.
     drop(api);
     wait(&agent, "watch failures after the API server left", || {
