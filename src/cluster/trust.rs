@@ -1,7 +1,9 @@
-//! Files of the trust model outside the key store: node certificates in the
-//! cluster dir (`veilcerts/<node>.yaml`), key rotation requests
-//! (`veilrotations/<node>.yaml`), and the per-node record of accepted peer
-//! announcements (`accepted.yaml` in the node's key dir).
+//! Objects and files of the trust model outside the key store: node
+//! certificates (`VeilNodeCertificate`; `veilcerts/<node>.yaml` in a cluster
+//! dir), key rotation requests (`VeilKeyRotation`; `veilrotations/<node>.yaml`),
+//! their CRDs and the checks both sources apply when reading them
+//! ([`certificate_of`], [`rotation_of`]), and the per-node record of
+//! accepted peer announcements (`accepted.yaml` in the node's key dir).
 //!
 //! Certificates and rotation requests are public (0644): a certificate is
 //! worthless without the node's identity key, and a rotation request can
