@@ -3,9 +3,10 @@
 //!
 //! The API server is a tiny HTTP/1.1 server in this test process, listening
 //! on 127.0.0.1 inside the node's namespace: it answers the initial lists
-//! with canned objects, holds every watch open without events, and records
-//! every request (so the test sees the agent's server-side apply of its
-//! `VeilNode`). It is not Kubernetes; it checks what the agent asks and does
+//! with canned objects (among them the node's `VeilNodeCertificate`, signed
+//! by the test's authority as `veilctl node approve` would), holds every
+//! watch open without events, and records every request (so the test sees
+//! the agent's server-side apply of its signed `VeilNode`). It is not Kubernetes; it checks what the agent asks and does
 //! with the answers.
 //!
 //! Run as root: `cargo test --test kube_mode -- --test-threads=1`.
@@ -50,7 +51,9 @@ struct FakeApi {
 
 impl FakeApi {
     /// Serves on `listener` (bound inside the node namespace).
-    fn start(listener: TcpListener) -> Self {
+    /// `certificates` is served as the `veilnodecertificates` list.
+    fn start(listener: TcpListener, certificates: Vec<Value>) -> Self {
+        let certificates = Arc::new(certificates);
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
@@ -64,8 +67,10 @@ impl FakeApi {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
-                            conns
-                                .push(std::thread::spawn(move || serve_conn(stream, &seen, &stop)));
+                            let certs = Arc::clone(&certificates);
+                            conns.push(std::thread::spawn(move || {
+                                serve_conn(stream, &seen, &stop, &certs)
+                            }));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(20));
@@ -100,7 +105,10 @@ impl Drop for FakeApi {
     }
 }
 
-fn list_items(path: &str) -> Option<(&'static str, &'static str, Vec<Value>)> {
+fn list_items(
+    path: &str,
+    certificates: &[Value],
+) -> Option<(&'static str, &'static str, Vec<Value>)> {
     Some(match path {
         "/api/v1/nodes" => (
             "v1",
@@ -122,6 +130,14 @@ fn list_items(path: &str) -> Option<(&'static str, &'static str, Vec<Value>)> {
             ("networking.k8s.io/v1", "NetworkPolicyList", vec![])
         }
         "/apis/veil.dev/v1alpha1/veilpolicies" => ("veil.dev/v1alpha1", "VeilPolicyList", vec![]),
+        "/apis/veil.dev/v1alpha1/veilnodecertificates" => (
+            "veil.dev/v1alpha1",
+            "VeilNodeCertificateList",
+            certificates.to_vec(),
+        ),
+        "/apis/veil.dev/v1alpha1/veilkeyrotations" => {
+            ("veil.dev/v1alpha1", "VeilKeyRotationList", vec![])
+        }
         "/apis/veil.dev/v1alpha1/veilclusterconfigs" => (
             "veil.dev/v1alpha1",
             "VeilClusterConfigList",
@@ -189,7 +205,12 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, String, Vec<u8>
     Some((method, target, body))
 }
 
-fn serve_conn(stream: TcpStream, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool) {
+fn serve_conn(
+    stream: TcpStream,
+    seen: &Mutex<Vec<Seen>>,
+    stop: &AtomicBool,
+    certificates: &[Value],
+) {
     // Short reads so a stopped server closes idle keep-alive connections.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let Ok(mut out) = stream.try_clone() else {
@@ -228,7 +249,7 @@ fn serve_conn(stream: TcpStream, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool) {
         });
         let path = target.split('?').next().unwrap_or("").to_string();
         let watch = target.contains("watch=true");
-        let result = match (method.as_str(), list_items(&path)) {
+        let result = match (method.as_str(), list_items(&path, certificates)) {
             ("GET", Some(_)) if watch => {
                 // Headers only, then silence until the server stops: the
                 // watch stays open and never sends an event.
@@ -320,7 +341,12 @@ fn kubeconfig(path: &Path, port: u16) {
     std::fs::write(path, text).expect("write kubeconfig");
 }
 
-fn start_agent(ns: &Netns, work: &Path, kubeconfig: &Path) -> Bg {
+/// Starts the agent in kube mode. Returns it and the node's
+/// `VeilNodeCertificate` (as `veilctl node approve` applies it) for the
+/// fake API server to serve: the identity key is created in the key dir
+/// first, as the agent would on its first start, and certified with a
+/// fresh authority. No `--auto-approve-with`: kube mode refuses it.
+fn start_agent(ns: &Netns, work: &Path, kubeconfig: &Path) -> (Bg, Value) {
     let ca = work.join("ca");
     let out = std::process::Command::new(VEILCTL_BIN)
         .args(["ca", "init", "--out"])
@@ -328,23 +354,38 @@ fn start_agent(ns: &Netns, work: &Path, kubeconfig: &Path) -> Bg {
         .output()
         .expect("run veilctl ca init");
     assert!(out.status.success(), "veilctl ca init: {out:?}");
+    let keys = work.join("keys");
+    let identity = keymgr::KeyStore::new(&keys)
+        .load_or_generate_identity()
+        .expect("node identity key")
+        .key
+        .public_key();
+    let authority = veil::cluster::trust::load_authority(&ca).expect("authority key");
+    let now = keymgr::unix_now();
+    let cert = authority
+        .certify(NODE, identity, now - 60, now + 3600)
+        .expect("certify");
+    let mut cert_obj =
+        serde_json::to_value(veil::cluster::trust::CertificateObject::new(&cert)).expect("JSON");
+    cert_obj["metadata"]["resourceVersion"] = json!("1");
     let mut cmd = ns.cmd(AGENT_BIN);
     cmd.args(["--node", NODE])
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .arg("--key-dir")
-        .arg(work.join("keys"))
+        .arg(&keys)
         .arg("--uapi-socket")
         .arg(format!("/var/run/wireguard/{}.sock", ns.name()))
         .args(["--tun-name", "veil0", "--resync-ms", "300"])
         .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
         .arg("--authority-public-key")
         .arg(ca.join("authority.pub"))
-        .arg("--auto-approve-with")
-        .arg(&ca)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info,veil=debug");
-    Bg::spawn("veil-agent (kube)", cmd, &work.join("agent.log"))
+    (
+        Bg::spawn("veil-agent (kube)", cmd, &work.join("agent.log")),
+        cert_obj,
+    )
 }
 
 /// Polls `f` for up to 30 s; panics with `what` and the agent log otherwise.
@@ -369,7 +410,7 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
     });
     let kc = work.path().join("kubeconfig");
     kubeconfig(&kc, port);
-    let mut agent = start_agent(&ns, work.path(), &kc);
+    let (mut agent, certificate) = start_agent(&ns, work.path(), &kc);
 
     // 1. No API server: up, not ready, nothing programmed.
     // The first pass (after startup's "starting") names what is missing.
@@ -410,7 +451,7 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
 
     // 2. The API server appears: synced, VeilNode applied, ready, programmed.
     let listener = ns.run(move || TcpListener::bind(("127.0.0.1", port)).expect("bind fake API"));
-    let api = FakeApi::start(listener);
+    let api = FakeApi::start(listener, vec![certificate.clone()]);
     let apply = wait(&agent, "the VeilNode apply", || {
         api.seen().into_iter().find(|s| {
             s.method == "PATCH"
@@ -418,6 +459,14 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
                     .starts_with(&format!("/apis/veil.dev/v1alpha1/veilnodes/{NODE}?"))
         })
     });
+    // Signed at once: the certificate came with the first synced state.
+    let spec = &apply.body.as_ref().expect("apply body is JSON")["spec"];
+    assert_eq!(spec["signer"], "Node", "{spec}");
+    assert_eq!(
+        spec["certificate"], certificate["spec"]["certificate"],
+        "the announcement carries the VeilNodeCertificate served by the API"
+    );
+    assert!(spec["signature"].is_string(), "{spec}");
     assert!(
         apply.target.contains("fieldManager=veil-agent") && apply.target.contains("force=true"),
         "not a forced server-side apply: {}",
@@ -471,6 +520,47 @@ fn kube_mode_programs_only_once_synced_and_keeps_state_without_the_api_server() 
         sample(&metrics, "veil_key_generation"),
         Some(1.0),
         "{metrics}"
+    );
+
+    // veilctl without --cluster-dir reads the same API: one list per kind.
+    let veilctl = |args: &[&str]| {
+        let mut c = ns.cmd(VEILCTL_BIN);
+        c.arg("--kubeconfig").arg(&kc).args(args);
+        c.output().expect("run veilctl")
+    };
+    let before = api.seen().len();
+    let out = veilctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "veilctl status: {out:?}");
+    assert!(
+        text.contains("encryption: enabled  strict: on  cluster pod CIDRs: 10.244.0.0/16")
+            && text
+                .lines()
+                .any(|l| l.starts_with(NODE) && l.contains("10.244.1.0/24")),
+        "{text}"
+    );
+    for kind in ["veilnodecertificates", "veilkeyrotations", "veilidentities"] {
+        assert!(
+            api.seen()[before..].iter().any(|s| s.method == "GET"
+                && s.target.split('?').next()
+                    == Some(format!("/apis/veil.dev/v1alpha1/{kind}").as_str())
+                && !s.target.contains("watch=true")),
+            "veilctl did not list {kind}"
+        );
+    }
+    // The fake server keeps no VeilNode (applies are only echoed): refused
+    // before anything is written.
+    let out = veilctl(&["keys", "rotate", "--node", NODE]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("n1 is not a Veil node with an announcement"),
+        "{out:?}"
+    );
+    assert!(
+        !api.seen()
+            .iter()
+            .any(|s| s.target.contains("veilkeyrotations/")),
+        "a rotation request was written"
     );
 
     // 3. The API server goes away: the last good state stays in force.

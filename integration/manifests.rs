@@ -42,7 +42,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use veil::cluster::identity::{PublishedIdentity, VeilIdentity, VeilIdentityCrd};
-use veil::cluster::kube::{KubeSource, KubeSourceConfig, API_ACCESS};
+use veil::cluster::kube::{KubeSource, KubeSourceConfig, API_ACCESS, CTL_ACCESS};
 use veil::cluster::objects::{
     ClusterCondition, VeilClusterConfig, VeilClusterConfigCrd, VeilClusterConfigStatus, VeilNode,
     VeilNodeCrd,
@@ -183,6 +183,41 @@ fn parse_deployment(dir: &str) -> Deployment {
     d
 }
 
+/// The ClusterRole named `name` (the base has the agent's and the operators').
+fn role<'a>(d: &'a Deployment, name: &str) -> &'a ClusterRole {
+    let found: Vec<_> = d
+        .cluster_roles
+        .iter()
+        .filter(|r| r.metadata.name.as_deref() == Some(name))
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one ClusterRole {name}");
+    found[0]
+}
+
+/// `(group, resource, verb)` triples a ClusterRole grants; no wildcards,
+/// no resource names, no non-resource URLs.
+fn granted(what: &str, role: &ClusterRole) -> BTreeSet<(String, String, String)> {
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "{what}: {rule:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    assert!(
+                        ![group, resource, verb].iter().any(|s| s.contains('*')),
+                        "{what}: wildcard in {rule:?}"
+                    );
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    granted
+}
+
 fn one<'a, T>(what: &str, items: &'a [T]) -> &'a T {
     assert_eq!(items.len(), 1, "expected exactly one {what}");
     &items[0]
@@ -190,8 +225,12 @@ fn one<'a, T>(what: &str, items: &'a [T]) -> &'a T {
 
 /// `(group, resource, verb)` triples of [`API_ACCESS`].
 fn api_access() -> BTreeSet<(String, String, String)> {
-    API_ACCESS
-        .iter()
+    access_set(API_ACCESS)
+}
+
+/// `(group, resource, verb)` triples of an access list.
+fn access_set(list: &[veil::cluster::kube::ApiAccess]) -> BTreeSet<(String, String, String)> {
+    list.iter()
         .flat_map(|a| {
             a.verbs
                 .iter()
@@ -275,6 +314,13 @@ fn crds_have_scope_subresources_and_printer_columns() {
         ("VeilClusterConfig", "veilclusterconfigs", "Cluster", true),
         ("VeilPolicy", "veilpolicies", "Namespaced", false),
         ("VeilIdentity", "veilidentities", "Cluster", false),
+        (
+            "VeilNodeCertificate",
+            "veilnodecertificates",
+            "Cluster",
+            false,
+        ),
+        ("VeilKeyRotation", "veilkeyrotations", "Cluster", false),
     ];
     assert_eq!(
         crds.keys().map(String::as_str).collect::<BTreeSet<_>>(),
@@ -340,6 +386,13 @@ fn crds_have_scope_subresources_and_printer_columns() {
             "{path}"
         );
     }
+    for path in [".spec.identityKey", ".spec.notAfter"] {
+        assert!(
+            columns("VeilNodeCertificate").contains(&path.to_string()),
+            "{path}"
+        );
+    }
+    assert!(columns("VeilKeyRotation").contains(&".spec.generation".to_string()));
     // The Ready/Nodes columns select the condition the agents write.
     let ready = veil::reconcile::enable::READY;
     for path in [
@@ -610,6 +663,13 @@ fn cel_rules_are_sane_bounded_and_where_expected() {
         ("VeilNode", ".spec.endpoint", ".contains(':')"),
         ("VeilIdentity", "", "int(self.metadata.name) >= 256"),
         ("VeilIdentity", "", "self.spec == oldSelf.spec"),
+        ("VeilNodeCertificate", "", "self.metadata.name.matches("),
+        (
+            "VeilNodeCertificate",
+            ".spec",
+            "self.notAfter > self.notBefore",
+        ),
+        ("VeilKeyRotation", "", "self.metadata.name.matches("),
     ];
     for (kind, path, needle) in expected {
         assert!(
@@ -709,6 +769,33 @@ status:
     assert_schema_keeps("VeilNode", &crds["VeilNode"].1, &value, "");
     // The kube-derive root reads and writes the same document.
     let crd_typed: VeilNodeCrd = serde_json::from_value(value.clone()).expect("as VeilNodeCrd");
+    assert_eq!(serde_json::to_value(&crd_typed).expect("serialize"), value);
+
+    // Certificates and rotation requests: the objects veilctl writes.
+    let cert = keymgr::AuthorityKey::from_seed([1; 32])
+        .certify(
+            "n1",
+            keymgr::IdentityKey::from_seed([2; 32]).public_key(),
+            1_000,
+            2_000,
+        )
+        .expect("certificate");
+    let value = serde_json::to_value(veil::cluster::trust::CertificateObject::new(&cert))
+        .expect("serialize");
+    assert_schema_keeps(
+        "VeilNodeCertificate",
+        &crds["VeilNodeCertificate"].1,
+        &value,
+        "",
+    );
+    let crd_typed: veil::cluster::trust::VeilNodeCertificateCrd =
+        serde_json::from_value(value.clone()).expect("as VeilNodeCertificateCrd");
+    assert_eq!(serde_json::to_value(&crd_typed).expect("serialize"), value);
+    let value = serde_json::to_value(veil::cluster::trust::RotationObject::new("n1", 4))
+        .expect("serialize");
+    assert_schema_keeps("VeilKeyRotation", &crds["VeilKeyRotation"].1, &value, "");
+    let crd_typed: veil::cluster::trust::VeilKeyRotationCrd =
+        serde_json::from_value(value.clone()).expect("as VeilKeyRotationCrd");
     assert_eq!(serde_json::to_value(&crd_typed).expect("serialize"), value);
 
     let config: VeilClusterConfig = serde_yaml::from_str(
@@ -1028,7 +1115,7 @@ fn check_daemonset(dir: &str, d: &Deployment) {
         ),
         ("ServiceAccount", sa_name.as_str(), Some(sa_ns.as_str()))
     );
-    let role = one("ClusterRole", &d.cluster_roles);
+    let role = role(d, "veil-agent");
     assert_eq!(
         (
             binding.role_ref.kind.as_str(),
@@ -1135,31 +1222,34 @@ fn daemonset_only_passes_what_the_agent_accepts() {
 fn cluster_role_grants_exactly_the_api_access() {
     for dir in ["deploy/base", "deploy/example"] {
         let d = parse_deployment(dir);
-        let role = one("ClusterRole", &d.cluster_roles);
-        let mut granted = BTreeSet::new();
-        for rule in role.rules.iter().flatten() {
+        let names: BTreeSet<_> = d
+            .cluster_roles
+            .iter()
+            .filter_map(|r| r.metadata.name.as_deref())
+            .collect();
+        assert_eq!(
+            names,
+            BTreeSet::from(["veil-agent", "veil-operator"]),
+            "{dir}"
+        );
+        for (name, needed) in [
+            ("veil-agent", access_set(API_ACCESS)),
+            ("veil-operator", access_set(CTL_ACCESS)),
+        ] {
+            let granted = granted(&format!("{dir}: {name}"), role(&d, name));
+            let extra: Vec<_> = granted.difference(&needed).collect();
+            let missing: Vec<_> = needed.difference(&granted).collect();
             assert!(
-                rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
-                "{dir}: {rule:?}"
+                extra.is_empty() && missing.is_empty(),
+                "{dir}: ClusterRole {name} grants more than it needs: {extra:?}; less: {missing:?}"
             );
-            for group in rule.api_groups.iter().flatten() {
-                for resource in rule.resources.iter().flatten() {
-                    for verb in &rule.verbs {
-                        assert!(
-                            ![group, resource, verb].iter().any(|s| s.contains('*')),
-                            "{dir}: wildcard in {rule:?}"
-                        );
-                        granted.insert((group.clone(), resource.clone(), verb.clone()));
-                    }
-                }
-            }
         }
-        let needed = api_access();
-        let extra: Vec<_> = granted.difference(&needed).collect();
-        let missing: Vec<_> = needed.difference(&granted).collect();
+        // The operators' role is for people to bind; the agent never gets it.
         assert!(
-            extra.is_empty() && missing.is_empty(),
-            "{dir}: ClusterRole grants more than API_ACCESS: {extra:?}; less: {missing:?}"
+            d.bindings
+                .iter()
+                .all(|b| b.role_ref.name != "veil-operator"),
+            "{dir}: veil-operator must not be bound by the base"
         );
     }
 }
@@ -1360,8 +1450,14 @@ fn respond(send: tower_test::mock::SendResponse<Response<ResponseBody>>, body: V
     );
 }
 
-#[tokio::test]
-async fn kube_source_uses_exactly_the_api_access() {
+/// The `(group, resource, verb)` of every request a mock API server saw.
+type Recorded = std::sync::Arc<parking_lot::Mutex<BTreeSet<(String, String, String)>>>;
+
+/// A mock API server that records the RBAC view of every request: empty
+/// lists, watches held open, creates and applies echoed, the identity the
+/// agent test creates served back on `get`, everything else 404 (recorded
+/// too, so comparisons name it). Returns a client for it and the record.
+fn recording_api() -> (kube::Client, tokio::task::JoinHandle<()>, Recorded) {
     let (service, mut handle) =
         tower_test::mock::pair::<Request<kube::client::Body>, Response<ResponseBody>>();
     let client = kube::Client::new(service, "default");
@@ -1455,6 +1551,12 @@ async fn kube_source_uses_exactly_the_api_access() {
         }
     });
 
+    (client, server, recorded)
+}
+
+#[tokio::test]
+async fn kube_source_uses_exactly_the_api_access() {
+    let (client, server, recorded) = recording_api();
     let source = KubeSource::start(client, KubeSourceConfig::default());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !source.synced() {
@@ -1506,6 +1608,52 @@ async fn kube_source_uses_exactly_the_api_access() {
         used, declared,
         "the kube source's requests differ from API_ACCESS (src/cluster/kube/access.rs); \
          update it and deploy/base/rbac.yaml together"
+    );
+}
+
+/// Every API call `veilctl` can make in Kubernetes mode (all of them go
+/// through `Store::Kube` and `kube::ctl`), recorded, must be exactly
+/// `CTL_ACCESS`, which `veil-operator` grants (test above).
+#[tokio::test]
+async fn veilctl_uses_exactly_the_ctl_access() {
+    use veil::cluster::store::Store;
+    let (client, server, recorded) = recording_api();
+    let store = Store::Kube(client.clone());
+    store
+        .load()
+        .await
+        .expect("load (status, policy trace, keys status)");
+    veil::cluster::kube::ctl::set_encryption(&client, true, None)
+        .await
+        .expect("enable");
+    let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+    let identity = keymgr::IdentityKey::from_seed([2; 32]).public_key();
+    let cert = authority
+        .certify("n1", identity, 1_000, 2_000)
+        .expect("certificate");
+    // `node approve` and `keys rotate` are a load plus these writes (their
+    // checks refuse on the mock's empty state, so the writes are called
+    // directly).
+    store.write_certificate(&cert).await.expect("node approve");
+    store.write_rotation("n1", 2).await.expect("keys rotate");
+    let node: VeilNode = serde_yaml::from_str(
+        "apiVersion: veil.dev/v1alpha1\nkind: VeilNode\nmetadata: {name: ext}\nspec:\n  publicKey: CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\n  podCIDRs: [10.250.0.0/24]\n",
+    )
+    .expect("sample");
+    let announcement = Announcement::try_from(&node).expect("valid sample");
+    store
+        .write_announcement(&announcement)
+        .await
+        .expect("peer add");
+    drop(store);
+    drop(client);
+    server.abort();
+    let used: BTreeSet<(String, String, String)> = recorded.lock().clone();
+    assert_eq!(
+        used,
+        access_set(CTL_ACCESS),
+        "veilctl's requests differ from CTL_ACCESS (src/cluster/kube/access.rs); \
+         update it and the veil-operator role in deploy/base/rbac.yaml together"
     );
 }
 
@@ -1946,6 +2094,78 @@ fn cel_rules_catch_mistakes_in_veil_identities() {
         "{:?}",
         update(&edited)
     );
+}
+
+#[test]
+fn cel_rules_catch_mistakes_in_certificates_and_rotations() {
+    let crds = committed_crds();
+    let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+    let identity = keymgr::IdentityKey::from_seed([2; 32]).public_key();
+    let cert = authority
+        .certify("n1", identity, 1_000, 2_000)
+        .expect("certificate");
+    let sample =
+        serde_json::to_value(veil::cluster::trust::CertificateObject::new(&cert)).expect("JSON");
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut o = sample.clone();
+        f(&mut o);
+        o
+    };
+    let name = "must be the node's name";
+    let schema = &crds["VeilNodeCertificate"].1;
+    check_samples(
+        "VeilNodeCertificate",
+        schema,
+        &[
+            (sample.clone(), None),
+            (
+                with(&|o| o["metadata"]["name"] = json!("ip-10-0-0-1.ec2.internal")),
+                None,
+            ),
+            (with(&|o| o["metadata"]["name"] = json!("N1")), Some(name)),
+            (with(&|o| o["metadata"]["name"] = json!("n1.")), Some(name)),
+            (with(&|o| o["metadata"]["name"] = json!("-n1")), Some(name)),
+            (
+                with(&|o| o["spec"]["notAfter"] = json!(1_000)),
+                Some("notAfter must be later than notBefore"),
+            ),
+        ],
+    );
+    let rotation = |n: &str| json!({"apiVersion": "veil.dev/v1alpha1", "kind": "VeilKeyRotation", "metadata": {"name": n}, "spec": {"generation": 2}});
+    let rschema = &crds["VeilKeyRotation"].1;
+    check_samples(
+        "VeilKeyRotation",
+        rschema,
+        &[(rotation("n1"), None), (rotation("n_1"), Some(name))],
+    );
+    // The schema admits exactly the names the agent's reader takes.
+    for n in [
+        "n1",
+        "a.b-c",
+        "ip-10-0-0-1.ec2.internal",
+        "N1",
+        "n1.",
+        "a..b",
+        "-a",
+        "a-",
+        "n_1",
+    ] {
+        let object = rotation(n);
+        let typed: veil::cluster::trust::RotationObject =
+            serde_json::from_value(object.clone()).expect("typed");
+        assert_eq!(
+            cel_errors(rschema, &object).is_empty(),
+            veil::cluster::trust::rotation_of(&typed).is_ok(),
+            "{n}"
+        );
+    }
+    // Plain OpenAPI bounds.
+    let generation = lookup(rschema, &["spec", "generation"]).expect("generation");
+    assert_eq!(generation["minimum"].as_f64(), Some(1.0));
+    let key = lookup(schema, &["spec", "identityKey"]).expect("identityKey");
+    assert!(key["pattern"].as_str().is_some_and(|p| p.contains("{43}=")));
+    let blob = lookup(schema, &["spec", "certificate"]).expect("certificate");
+    assert_eq!(blob["maxLength"].as_u64(), Some(1024));
 }
 
 /// The admission policy's CEL, evaluated on the requests an agent makes,

@@ -43,8 +43,9 @@ mod observe;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node: String,
-    /// Where node certificates (`veilcerts/`) and rotation requests
-    /// (`veilrotations/`) are read: the cluster dir with the file source.
+    /// Unused since certificates and rotation requests come from the
+    /// cluster source (`ClusterState::certificates`, `rotation_requests`);
+    /// kept so existing callers still build.
     pub cluster_dir: PathBuf,
     /// Where the cluster state comes from: a directory or the Kubernetes API.
     pub source: SourceConfig,
@@ -129,6 +130,8 @@ pub enum Error {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // Before anything is created: a refused flag must not leave a TUN behind.
+    auto_approve_dir(&cfg)?;
     memory::phase("start");
     // First, while the process is smallest: loading parses the kernel's BTF
     // (aya 0.14 always does, ~20 MiB for a moment), and that transient is the
@@ -185,14 +188,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             source,
         }
     })?;
-    let approver = match &cfg.auto_approve_with {
+    let approver = match auto_approve_dir(&cfg)? {
         None => None,
-        Some(path) => Some(trust::load_authority(path).map_err(|e| Error::AutoApprove {
-            path: path.clone(),
-            problem: e.to_string(),
-        })?),
+        Some((path, dir)) => Some((
+            trust::load_authority(path).map_err(|e| Error::AutoApprove {
+                path: path.clone(),
+                problem: e.to_string(),
+            })?,
+            dir.clone(),
+        )),
     };
-    if let Some(a) = &approver {
+    if let Some((a, _)) = &approver {
         if a.public_key() != authority {
             return Err(Error::AutoApprove {
                 path: cfg.auto_approve_with.clone().unwrap_or_default(),
@@ -285,6 +291,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     Ok(())
 }
 
+/// `--auto-approve-with` and the cluster dir its certificates go to, or
+/// why it is refused: only the file source has a place the agent may write
+/// certificates to. In Kubernetes mode a certificate is a
+/// `VeilNodeCertificate` that only an operator holding the authority key
+/// creates (`veilctl node approve`); the agent's RBAC cannot create one,
+/// and the authority key must not sit on every node.
+fn auto_approve_dir(cfg: &Config) -> Result<Option<(&PathBuf, &PathBuf)>, Error> {
+    match (&cfg.auto_approve_with, &cfg.source) {
+        (None, _) => Ok(None),
+        (Some(path), SourceConfig::File { dir }) => Ok(Some((path, dir))),
+        (Some(path), SourceConfig::Kube { .. }) => Err(Error::AutoApprove {
+            path: path.clone(),
+            problem: "only with the file source (--cluster-dir); in Kubernetes mode approve the node with `veilctl node approve NAME --ca DIR`, which creates its VeilNodeCertificate".into(),
+        }),
+    }
+}
+
 /// This node's appliers and what they last applied.
 struct Node {
     cfg: Config,
@@ -300,7 +323,9 @@ struct Node {
     published: Option<Announcement>,
     identity: keymgr::IdentityKey,
     authority: [u8; 32],
-    approver: Option<keymgr::AuthorityKey>,
+    /// `--auto-approve-with`: the authority key and the cluster dir the
+    /// certificates it issues are written to (file source only).
+    approver: Option<(keymgr::AuthorityKey, PathBuf)>,
     /// Generation of the WireGuard key the engine uses.
     generation: u64,
     /// Per peer: the announcement last accepted (persisted in the key dir).
@@ -355,7 +380,7 @@ impl Node {
         self.plan_transition(state, &mut desired);
 
         self.update_rotation_interval(state.config.key_rotation_interval);
-        self.rotate_if_requested();
+        self.rotate_if_requested(state.rotation_requests.get(&self.cfg.node).copied());
         self.apply_peers(&desired);
         if let Err(e) = self.apply_datapath(&desired).await {
             error!("applying the datapath: {e}; retrying on the next pass");
@@ -440,13 +465,22 @@ impl Node {
             return;
         }
         let now = keymgr::unix_now();
-        let certs = Certificates::new(&self.cfg.cluster_dir);
         let identity_key = self.identity.public_key();
-        let cert = match certs.valid_for(&self.cfg.node, &identity_key, &self.authority, now) {
+        let cert = match trust::check_certificate(
+            state.certificates.get(&self.cfg.node),
+            &self.cfg.node,
+            &identity_key,
+            &self.authority,
+            now,
+        ) {
             Ok(c) => Some(c),
             Err(why) => match &self.approver {
-                Some(authority) => {
-                    match certs.approve(
+                // File source only (refused at startup otherwise): the
+                // certificate goes into the cluster dir like `veilctl node
+                // approve` writes it, and is read back from the state on
+                // the next pass.
+                Some((authority, dir)) => {
+                    match Certificates::new(dir).approve(
                         authority,
                         &self.cfg.node,
                         identity_key,
@@ -464,6 +498,14 @@ impl Node {
                     }
                 }
                 None => {
+                    let why = match state.origins.get(&format!(
+                        "{}/{}",
+                        trust::CertificateObject::KIND,
+                        self.cfg.node
+                    )) {
+                        Some(origin) => format!("{why} (from {origin})"),
+                        None => why,
+                    };
                     if self.cert_problem.as_ref() != Some(&why) {
                         warn!("no usable certificate: {why}; announcing a pending identity until `veilctl node approve {}`", self.cfg.node);
                         self.cert_problem = Some(why);
@@ -614,7 +656,8 @@ impl Node {
     /// older than it): rotate (keymgr keeps the old key for the grace period,
     /// the engine keeps answering for it), and the next announcement
     /// publishes the new key. After the grace period the old key is deleted.
-    fn rotate_if_requested(&mut self) {
+    /// `requested` is this node's `VeilKeyRotation` from the cluster state.
+    fn rotate_if_requested(&mut self, requested: Option<u64>) {
         let store = keymgr::KeyStore::new(&self.cfg.key_dir);
         if self
             .previous_until
@@ -628,14 +671,7 @@ impl Node {
                 Err(e) => error!("deleting the previous WireGuard key after its grace period: {e}"),
             }
         }
-        let requested = match trust::read_rotation(&self.cfg.cluster_dir, &self.cfg.node) {
-            Ok(Some(g)) if g > self.generation => Some(g),
-            Ok(_) => None,
-            Err(e) => {
-                self.rotation_note(format!("reading the rotation request: {e}"));
-                None
-            }
-        };
+        let requested = requested.filter(|g| *g > self.generation);
         let reason = match (requested, self.rotation_interval) {
             (Some(g), _) => format!("requested generation {g}"),
             (None, None) => return,
@@ -1008,6 +1044,44 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn auto_approve_is_refused_in_kube_mode_before_anything_starts() {
+        let cfg = |source: SourceConfig| Config {
+            node: "n1".into(),
+            cluster_dir: PathBuf::from("/nonexistent"),
+            source,
+            metrics_addr: None,
+            error_count: crate::metrics::ErrorCount::default(),
+            key_dir: PathBuf::from("/nonexistent/keys"),
+            uapi_socket: None,
+            tun_name: "veiltest0".into(),
+            listen_port: 0,
+            mtu: DEFAULT_MTU,
+            resync: Duration::from_secs(1),
+            authority_public_key: PathBuf::from("/nonexistent/authority.pub"),
+            auto_approve_with: Some(PathBuf::from("/ca")),
+            min_key_rotation_interval: MIN_KEY_ROTATION_INTERVAL,
+        };
+        let kube = cfg(SourceConfig::Kube { kubeconfig: None });
+        let err = run(kube, std::future::pending())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--auto-approve-with /ca")
+                && err.contains("only with the file source")
+                && err.contains("veilctl node approve"),
+            "{err}"
+        );
+        let file = cfg(SourceConfig::File {
+            dir: PathBuf::from("/c"),
+        });
+        let approve = auto_approve_dir(&file)
+            .unwrap()
+            .map(|(p, d)| (p.clone(), d.clone()));
+        assert_eq!(approve, Some((PathBuf::from("/ca"), PathBuf::from("/c"))));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod kube;
 pub mod objects;
 pub mod source;
+pub mod store;
 pub mod trust;
 
 use std::collections::BTreeMap;
@@ -241,6 +242,11 @@ pub struct ClusterState {
     /// Published `VeilIdentity` objects: number -> label set. Reconcile
     /// resolves them with [`crate::identity::Published::resolve`].
     pub identities: BTreeMap<crate::identity::Identity, crate::identity::IdentityKey>,
+    /// Validated `VeilNodeCertificate` objects, keyed by node name. Not
+    /// verified: the agent checks each against its authority key before use.
+    pub certificates: BTreeMap<String, keymgr::NodeCertificate>,
+    /// `VeilKeyRotation` requests: node name -> key generation to reach.
+    pub rotation_requests: BTreeMap<String, u64>,
     /// Where each object came from, by object reference (`Node/n1`,
     /// `Pod/default/web`): a file path for the file source. Lets problems
     /// found later (while reconciling) still name the file to fix.
@@ -259,6 +265,16 @@ pub enum Object {
     Config(ClusterConfig),
     Policy(crate::policy::Policy),
     Identity(identity::PublishedIdentity),
+    /// A `VeilNodeCertificate` (boxed: signature and key make it large).
+    Certificate(Box<keymgr::NodeCertificate>),
+    Rotation(RotationRequest),
+}
+
+/// A validated `VeilKeyRotation`: node `node` must reach key `generation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationRequest {
+    pub node: String,
+    pub generation: u64,
 }
 
 impl Object {
@@ -273,6 +289,8 @@ impl Object {
             Object::Config(_) => format!("VeilClusterConfig/{}", objects::CLUSTER_CONFIG_NAME),
             Object::Policy(p) => p.id.to_string(),
             Object::Identity(i) => identity::PublishedIdentity::object_ref(i.id),
+            Object::Certificate(c) => format!("{}/{}", trust::CertificateObject::KIND, c.node),
+            Object::Rotation(r) => format!("{}/{}", trust::RotationObject::KIND, r.node),
         }
     }
 }
@@ -301,6 +319,12 @@ impl ClusterState {
             }
             Object::Identity(i) => {
                 self.identities.insert(i.id, i.key.clone());
+            }
+            Object::Certificate(c) => {
+                self.certificates.insert(c.node.clone(), (**c).clone());
+            }
+            Object::Rotation(r) => {
+                self.rotation_requests.insert(r.node.clone(), r.generation);
             }
         }
     }

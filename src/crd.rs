@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::identity::VeilIdentityCrd;
 use crate::cluster::objects::{VeilClusterConfigCrd, VeilNodeCrd};
+use crate::cluster::trust::{VeilKeyRotationCrd, VeilNodeCertificateCrd};
 use crate::policy::VeilPolicyCrd;
 
 /// What can go wrong rendering the CRDs.
@@ -46,6 +47,8 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         VeilNodeCrd::crd(),
         VeilPolicyCrd::crd(),
         VeilIdentityCrd::crd(),
+        VeilNodeCertificateCrd::crd(),
+        VeilKeyRotationCrd::crd(),
     ]
 }
 

@@ -66,6 +66,7 @@ struct Args {
     /// DEMO AND TESTS ONLY: the authority's private key (a `veilctl ca init`
     /// directory or its `authority.key`); the agent then certifies its own
     /// identity, so anyone who can start an agent can join the cluster.
+    /// File source only: refused in Kubernetes mode.
     #[arg(long, env = "VEIL_AUTO_APPROVE_WITH")]
     auto_approve_with: Option<PathBuf>,
     /// TESTS ONLY (hidden): the shortest `spec.keyRotation.interval` honoured,

@@ -1,4 +1,6 @@
-//! `veilctl`: operate Veil. Today against the file source (`--cluster-dir`).
+//! `veilctl`: operate Veil, against a cluster dir (`--cluster-dir`) or,
+//! without one, the Kubernetes API (`--kubeconfig` or in-cluster). Every
+//! command is written once against `cluster::store::Store`.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,7 +15,8 @@ use veil::cluster::file::FileSource;
 use veil::cluster::objects::{
     VeilClusterConfig, VeilClusterConfigSpec, CLUSTER_CONFIG_NAME, VEIL_API_VERSION,
 };
-use veil::cluster::trust::{self as files, Certificates};
+use veil::cluster::store::{veil_nodes, Error as StoreError, Store};
+use veil::cluster::trust as files;
 use veil::cluster::{Announcement, ClusterState, PublicKey};
 use veil::reconcile::{verify_announcement, TrustContext};
 
@@ -24,8 +27,7 @@ use veil::reconcile::{verify_announcement, TrustContext};
 )]
 struct Cli {
     /// Directory of Kubernetes objects as YAML (the file cluster source).
-    /// Without it (and for commands other than status/enable/disable: `.`),
-    /// `status`, `enable` and `disable` use the Kubernetes API.
+    /// Without it, every command uses the Kubernetes API.
     #[arg(long, env = "VEIL_CLUSTER_DIR", global = true)]
     cluster_dir: Option<PathBuf>,
     /// Kubeconfig for the Kubernetes API. Default: the in-cluster service
@@ -179,27 +181,59 @@ const CONFIG_FILE: &str = "veilclusterconfig.yaml";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let authority = cli.authority_public_key.as_deref();
-    if let Some(result) = kube_mode(&cli) {
-        return exit(result);
+    // Needs no cluster at all.
+    if let Command::Ca {
+        command: CaCommand::Init { out },
+    } = &cli.command
+    {
+        return exit(ca_init(out));
     }
-    let dir_buf = cli
-        .cluster_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("."));
-    let dir = dir_buf.as_path();
-    let result = match cli.command {
-        Command::Status => status(dir, authority),
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return exit(Err(format!("starting the async runtime: {e}"))),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => exit(Err(e)),
+    }
+}
+
+/// The file source with `--cluster-dir`, the Kubernetes API without it
+/// (veil-agent's rule); `Some(dir)` for the file source.
+fn store_choice(cli: &Cli) -> Result<Option<PathBuf>, String> {
+    match (&cli.cluster_dir, &cli.kubeconfig) {
+        (Some(_), Some(_)) => Err(
+            "--kubeconfig is for the Kubernetes API; --cluster-dir selects the file source".into(),
+        ),
+        (dir, _) => Ok(dir.clone()),
+    }
+}
+
+/// Every command but `ca init`, written once against [`Store`].
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let authority = cli.authority_public_key.as_deref();
+    let store = match store_choice(&cli)? {
+        Some(dir) => Store::File(dir),
+        None => Store::Kube(
+            veil::cluster::source::kube_client(cli.kubeconfig.as_deref())
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let done = |r: Result<(), String>| r.map(|()| ExitCode::SUCCESS);
+    match cli.command {
+        Command::Status => done(status(&store, authority).await),
         Command::Enable { strict, no_strict } => {
-            set_encryption(dir, true, if no_strict { Some(false) } else { strict })
+            done(set_encryption(&store, true, if no_strict { Some(false) } else { strict }).await)
         }
-        Command::Disable => set_encryption(dir, false, None),
-        Command::Ca {
-            command: CaCommand::Init { out },
-        } => ca_init(&out),
+        Command::Disable => done(set_encryption(&store, false, None).await),
+        Command::Ca { .. } => done(Err("`ca init` needs no cluster".into())),
         Command::Node {
             command: NodeCommand::Approve { name, ca, days },
-        } => node_approve(dir, &name, &ca, days),
+        } => done(node_approve(&store, &name, &ca, days).await),
         Command::Peer {
             command:
                 PeerCommand::Add {
@@ -210,10 +244,21 @@ fn main() -> ExitCode {
                     ca,
                     days,
                 },
-        } => peer_add(dir, &name, &public_key, endpoint, &allowed_ips, &ca, days),
+        } => done(
+            peer_add(
+                &store,
+                &name,
+                &public_key,
+                endpoint,
+                &allowed_ips,
+                &ca,
+                days,
+            )
+            .await,
+        ),
         Command::Peer {
             command: PeerCommand::Config { name },
-        } => peer_config(dir, &name, authority),
+        } => done(peer_config(&store, &name, authority).await),
         Command::Keys {
             command:
                 KeysCommand::Rotate {
@@ -222,28 +267,31 @@ fn main() -> ExitCode {
                     wait,
                     timeout,
                 },
-        } => keys_rotate(dir, &node, all, wait.then(|| Duration::from_secs(timeout))),
+        } => done(
+            keys_rotate(
+                &store,
+                (!all).then_some(node.as_slice()),
+                wait.then(|| Duration::from_secs(timeout)),
+            )
+            .await,
+        ),
         Command::Keys {
             command: KeysCommand::Status,
-        } => keys_status(dir, authority),
+        } => done(keys_status(&store, authority).await),
         Command::Policy {
             command: PolicyCommand::Trace { from, to, port },
         } => {
-            let (state, _) = FileSource::new(dir).load();
-            match veil::policy::trace_pods(&state, &from, &to, &port) {
-                Ok((allowed, text)) => {
-                    print!("{text}");
-                    return if allowed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(2)
-                    };
-                }
-                Err(e) => Err(e.to_string()),
-            }
+            let (state, _) = load(&store).await?;
+            let (allowed, text) =
+                veil::policy::trace_pods(&state, &from, &to, &port).map_err(|e| e.to_string())?;
+            print!("{text}");
+            Ok(if allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
-    };
-    exit(result)
+    }
 }
 
 fn exit(result: Result<(), String>) -> ExitCode {
@@ -256,62 +304,8 @@ fn exit(result: Result<(), String>) -> ExitCode {
     }
 }
 
-/// `status`, `enable` and `disable` against the Kubernetes API when no
-/// `--cluster-dir` is given (veil-agent's rule); `None` for file mode.
-fn kube_mode(cli: &Cli) -> Option<Result<(), String>> {
-    use veil::cluster::kube::ctl;
-    let kube_command = matches!(
-        cli.command,
-        Command::Status | Command::Enable { .. } | Command::Disable
-    );
-    if cli.cluster_dir.is_some() {
-        if kube_command && cli.kubeconfig.is_some() {
-            return Some(Err(
-                "--kubeconfig is for the Kubernetes API; --cluster-dir selects the file source"
-                    .into(),
-            ));
-        }
-        return None;
-    }
-    if !kube_command {
-        return None;
-    }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return Some(Err(format!("starting the async runtime: {e}"))),
-    };
-    let authority = cli.authority_public_key.as_deref();
-    Some(runtime.block_on(async {
-        let client = veil::cluster::source::kube_client(cli.kubeconfig.as_deref())
-            .await
-            .map_err(|e| e.to_string())?;
-        let (enabled, strict) = match &cli.command {
-            Command::Enable { strict, no_strict } => {
-                (true, if *no_strict { Some(false) } else { *strict })
-            }
-            Command::Disable => (false, None),
-            _ => {
-                let (state, diags) = ctl::load_state(&client).await.map_err(|e| e.to_string())?;
-                return print_status(&state, diags, authority);
-            }
-        };
-        let set = ctl::set_encryption(&client, enabled, strict)
-            .await
-            .map_err(|e| e.to_string())?;
-        println!(
-            "encryption {} (strict {}) in VeilClusterConfig/{CLUSTER_CONFIG_NAME}",
-            if set.enabled { "enabled" } else { "disabled" },
-            if set.strict { "on" } else { "off" },
-        );
-        Ok(())
-    }))
-}
-
-fn status(dir: &Path, authority: Option<&Path>) -> Result<(), String> {
-    let (state, diags) = load(dir)?;
+async fn status(store: &Store, authority: Option<&Path>) -> Result<(), String> {
+    let (state, diags) = load(store).await?;
     print_status(&state, diags, authority)
 }
 
@@ -459,11 +453,13 @@ fn render_conditions(state: &ClusterState) -> String {
     out
 }
 
-fn load(dir: &Path) -> Result<(ClusterState, Vec<veil::cluster::Diagnostic>), String> {
-    if !dir.is_dir() {
-        return Err(format!("cluster dir {} is not a directory", dir.display()));
-    }
-    Ok(FileSource::new(dir).load())
+async fn load(store: &Store) -> Result<(ClusterState, Vec<veil::cluster::Diagnostic>), String> {
+    store.load().await.map_err(|e| match e {
+        StoreError::NotADirectory { dir } => {
+            format!("cluster dir {} is not a directory", dir.display())
+        }
+        e => e.to_string(),
+    })
 }
 
 fn read_authority(path: &Path) -> Result<[u8; 32], String> {
@@ -506,47 +502,28 @@ fn ca_init(out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn node_approve(dir: &Path, name: &str, ca: &Path, days: u64) -> Result<(), String> {
-    keymgr::validate_node_name(name).map_err(|e| e.to_string())?;
+async fn node_approve(store: &Store, name: &str, ca: &Path, days: u64) -> Result<(), String> {
     let authority = files::load_authority(ca).map_err(|e| e.to_string())?;
-    let (state, _) = load(dir)?;
-    let path = dir.join("veilnodes").join(format!("{name}.yaml"));
-    let ann = state.announcements.get(name).ok_or_else(|| {
-        format!(
-            "{}: no readable VeilNode/{name}; start the node's agent first",
-            path.display()
-        )
-    })?;
-    let identity = ann.trust.identity_key.ok_or_else(|| {
-        format!(
-            "{}: VeilNode/{name} carries no spec.identityKey (an external peer, or an agent too old to have one)",
-            path.display()
-        )
-    })?;
-    if !state.nodes.contains_key(name) {
-        return Err(format!("no Node object named {name}: refusing to certify an identity for a node that does not exist"));
-    }
-    let cert = Certificates::new(dir)
-        .approve(
+    let approved = store
+        .approve_node(
             &authority,
             name,
-            identity,
-            keymgr::unix_now(),
             Duration::from_secs(days.saturating_mul(86_400)),
         )
+        .await
         .map_err(|e| e.to_string())?;
     println!(
         "approved node {name}: identity key {} (compare with the `node identity loaded` line of its agent log), valid until {}\nwrote {}",
-        keymgr::encode_key(&identity),
-        cert.not_after,
-        Certificates::new(dir).path(name).display()
+        keymgr::encode_key(&approved.certificate.identity_key),
+        approved.certificate.not_after,
+        approved.written_to
     );
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn peer_add(
-    dir: &Path,
+async fn peer_add(
+    store: &Store,
     name: &str,
     public_key: &str,
     endpoint: SocketAddr,
@@ -563,7 +540,7 @@ fn peer_add(
         return Err("--endpoint: port 0 cannot be reached".into());
     }
     let authority = files::load_authority(ca).map_err(|e| e.to_string())?;
-    let (state, _) = load(dir)?;
+    let (state, _) = load(store).await?;
     check_external(&state, name, allowed_ips)?;
     let generation = match state.announcements.get(name) {
         Some(a) if a.public_key.0 == key => a.trust.generation.max(1),
@@ -583,11 +560,12 @@ fn peer_add(
     };
     let signed = keymgr::SignedAnnouncement::sign_by_authority(body, &authority)
         .map_err(|e| e.to_string())?;
-    FileSource::new(dir)
-        .publish_announcement(&Announcement::from_signed(&signed))
+    let written = store
+        .write_announcement(&Announcement::from_signed(&signed))
+        .await
         .map_err(|e| e.to_string())?;
     println!(
-        "announced external peer {name} (generation {generation}); print its configuration with `veilctl peer config {name}`"
+        "announced external peer {name} (generation {generation}) in {written}; print its configuration with `veilctl peer config {name}`"
     );
     Ok(())
 }
@@ -619,8 +597,8 @@ fn check_external(state: &ClusterState, name: &str, allowed_ips: &[IpNet]) -> Re
     Ok(())
 }
 
-fn peer_config(dir: &Path, name: &str, authority: Option<&Path>) -> Result<(), String> {
-    let (state, _) = load(dir)?;
+async fn peer_config(store: &Store, name: &str, authority: Option<&Path>) -> Result<(), String> {
+    let (state, _) = load(store).await?;
     let me = state
         .announcements
         .get(name)
@@ -688,18 +666,6 @@ fn render_peer_config(
     out
 }
 
-/// Nodes that run Veil agents: node-signed (or pending) announcements.
-fn veil_nodes(state: &ClusterState) -> Vec<String> {
-    state
-        .announcements
-        .iter()
-        .filter(|(n, a)| {
-            state.nodes.contains_key(*n) && a.trust.signer != Some(keymgr::SignerKind::Authority)
-        })
-        .map(|(n, _)| n.clone())
-        .collect()
-}
-
 /// Per target: (own generation, peers using it / peers in total, peers lagging).
 fn rotation_progress(
     state: &ClusterState,
@@ -730,87 +696,77 @@ fn rotation_progress(
     (generation, switched, switched + lagging.len(), lagging)
 }
 
-fn keys_rotate(
-    dir: &Path,
-    nodes: &[String],
-    all: bool,
+async fn keys_rotate(
+    store: &Store,
+    nodes: Option<&[String]>,
     wait: Option<Duration>,
 ) -> Result<(), String> {
-    let (state, _) = load(dir)?;
-    let targets: Vec<String> = if all {
-        veil_nodes(&state)
-    } else {
-        nodes.to_vec()
-    };
-    if targets.is_empty() {
-        return Err("no Veil nodes have announced themselves; nothing to rotate".into());
-    }
+    let requested = store
+        .request_rotations(nodes)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut wanted = BTreeMap::new();
-    for t in &targets {
-        keymgr::validate_node_name(t).map_err(|e| e.to_string())?;
-        let current = state
-            .announcements
-            .get(t)
-            .filter(|a| {
-                state.nodes.contains_key(t) && a.trust.signer != Some(keymgr::SignerKind::Authority)
-            })
-            .ok_or_else(|| format!("{t} is not a Veil node with an announcement"))?
-            .trust
-            .generation;
-        let requested = files::read_rotation(dir, t)
-            .map_err(|e| e.to_string())?
-            .unwrap_or(0);
-        let want = current.max(requested) + 1;
-        files::write_rotation(dir, t, want).map_err(|e| e.to_string())?;
-        println!("{t}: rotation requested, generation {current} -> {want}");
-        wanted.insert(t.clone(), (current, want));
+    for r in requested {
+        println!(
+            "{}: rotation requested, generation {} -> {}",
+            r.node, r.current, r.want
+        );
+        wanted.insert(r.node, (r.current, r.want));
     }
     let Some(timeout) = wait else {
         return Ok(());
     };
     let deadline = Instant::now() + timeout;
-    let mut source = FileSource::new(dir);
     let mut last = String::new();
     loop {
-        let (state, _) = source.load();
-        let mut lines = String::new();
         let mut pending = Vec::new();
-        for (t, (old, want)) in &wanted {
-            let (now_gen, switched, total, lagging) = rotation_progress(&state, t, *want);
-            let done = now_gen >= *want && lagging.is_empty();
-            lines.push_str(&format!(
-                "{t}: generation {old} -> {now_gen} (want {want}), peers switched {switched}/{total}{}\n",
-                if done { ", done" } else { "" }
-            ));
-            if !done {
-                pending.push(if now_gen < *want {
-                    format!("{t} (still at generation {now_gen})")
-                } else {
-                    format!("{t} (peers not switched: {})", lagging.join(", "))
-                });
+        let load_error = match store.load().await {
+            Ok((state, _)) => {
+                let mut lines = String::new();
+                for (t, (old, want)) in &wanted {
+                    let (now_gen, switched, total, lagging) = rotation_progress(&state, t, *want);
+                    let done = now_gen >= *want && lagging.is_empty();
+                    lines.push_str(&format!(
+                        "{t}: generation {old} -> {now_gen} (want {want}), peers switched {switched}/{total}{}\n",
+                        if done { ", done" } else { "" }
+                    ));
+                    if !done {
+                        pending.push(if now_gen < *want {
+                            format!("{t} (still at generation {now_gen})")
+                        } else {
+                            format!("{t} (peers not switched: {})", lagging.join(", "))
+                        });
+                    }
+                }
+                if lines != last {
+                    print!("{lines}");
+                    last = lines;
+                }
+                if pending.is_empty() {
+                    println!("all rotations complete");
+                    return Ok(());
+                }
+                None
             }
-        }
-        if lines != last {
-            print!("{lines}");
-            last = lines;
-        }
-        if pending.is_empty() {
-            println!("all rotations complete");
-            return Ok(());
-        }
+            // A failed read (API server briefly away) is retried until the deadline.
+            Err(e) => Some(e.to_string()),
+        };
         if Instant::now() >= deadline {
+            let why = match load_error {
+                Some(e) => format!("reading {}: {e}", store.describe()),
+                None => pending.join("; "),
+            };
             return Err(format!(
-                "rotation did not complete within {}s: {}",
-                timeout.as_secs(),
-                pending.join("; ")
+                "rotation did not complete within {}s: {why}",
+                timeout.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::sleep(store.poll_interval()).await;
     }
 }
 
-fn keys_status(dir: &Path, authority: Option<&Path>) -> Result<(), String> {
-    let (state, _) = load(dir)?;
+async fn keys_status(store: &Store, authority: Option<&Path>) -> Result<(), String> {
+    let (state, _) = load(store).await?;
     let ok = match authority {
         Some(p) => Some(verdicts(&state, &read_authority(p)?)),
         None => None,
@@ -900,7 +856,25 @@ fn session_line(name: &str, a: &Announcement, veil: &[String]) -> Option<String>
     Some(format!("sessions: {}", parts.join(", ")))
 }
 
-fn set_encryption(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(), String> {
+/// `enable`/`disable` on either store.
+async fn set_encryption(store: &Store, enabled: bool, strict: Option<bool>) -> Result<(), String> {
+    match store {
+        Store::File(dir) => set_encryption_file(dir, enabled, strict),
+        Store::Kube(client) => {
+            let set = veil::cluster::kube::ctl::set_encryption(client, enabled, strict)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "encryption {} (strict {}) in VeilClusterConfig/{CLUSTER_CONFIG_NAME}",
+                if set.enabled { "enabled" } else { "disabled" },
+                if set.strict { "on" } else { "off" },
+            );
+            Ok(())
+        }
+    }
+}
+
+fn set_encryption_file(dir: &Path, enabled: bool, strict: Option<bool>) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("cluster dir {} is not a directory", dir.display()));
     }
@@ -967,17 +941,23 @@ mod tests {
     #[test]
     fn kube_mode_only_without_cluster_dir() {
         let both = parse(&["--cluster-dir", "/x", "--kubeconfig", "k", "status"]).expect("parses");
-        let err = kube_mode(&both)
-            .expect("refused")
-            .expect_err("contradiction");
+        let err = store_choice(&both).expect_err("contradiction");
         assert!(err.contains("--kubeconfig"), "{err}");
-        let file = parse(&["--cluster-dir", "/x", "enable"]).expect("parses");
-        assert!(kube_mode(&file).is_none());
-        let other = parse(&["keys", "status"]).expect("parses");
-        assert!(
-            other.cluster_dir.is_some() || kube_mode(&other).is_none(),
-            "commands other than status/enable/disable stay on the file source"
-        );
+        let file = parse(&["--cluster-dir", "/x", "keys", "rotate", "--all"]).expect("parses");
+        assert_eq!(store_choice(&file), Ok(Some(PathBuf::from("/x"))));
+        for args in [
+            &["status"][..],
+            &["node", "approve", "n1", "--ca", "/ca"][..],
+            &["keys", "status"][..],
+            &[
+                "policy", "trace", "--from", "a/b", "--to", "c/d", "--port", "80/tcp",
+            ][..],
+        ] {
+            let cli = parse(args).expect("parses");
+            if cli.cluster_dir.is_none() {
+                assert_eq!(store_choice(&cli), Ok(None), "{args:?} uses the API");
+            }
+        }
     }
 
     #[test]

@@ -607,6 +607,20 @@ impl Ctx<'_> {
                         .map(Object::Identity)
                         .map_err(|e| e.to_string())
                 }),
+            (VEIL_API_VERSION, super::trust::CertificateObject::KIND) => self
+                .typed::<super::trust::CertificateObject>(value, document)
+                .and_then(|c| {
+                    super::trust::certificate_of(&c)
+                        .map(|c| Object::Certificate(Box::new(c)))
+                        .map_err(|e| e.to_string())
+                }),
+            (VEIL_API_VERSION, super::trust::RotationObject::KIND) => self
+                .typed::<super::trust::RotationObject>(value, document)
+                .and_then(|r| {
+                    super::trust::rotation_of(&r)
+                        .map(Object::Rotation)
+                        .map_err(|e| e.to_string())
+                }),
             (_, VeilNode::KIND | VeilClusterConfig::KIND)
                 if api_version.starts_with("veil.dev/") =>
             {
@@ -1108,6 +1122,74 @@ metadata: {{name: fine}}
             assert!(found[0].contains(needle), "{object}: {}", found[0]);
         }
         assert_eq!(diags.len(), expect.len(), "{diags:#?}");
+    }
+
+    #[test]
+    fn certificates_and_rotation_requests_are_read_and_checked() {
+        use crate::cluster::trust::{self, Certificates};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+        let identity = keymgr::IdentityKey::from_seed([2; 32]).public_key();
+        let cert = authority.certify("n1", identity, 1000, 2000).unwrap();
+        // Written as veilctl writes them in file mode.
+        Certificates::new(dir).write(&cert).unwrap();
+        trust::write_rotation(dir, "n1", 3).unwrap();
+        let mut source = FileSource::new(dir);
+        let (state, diags) = source.load();
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(state.certificates.get("n1"), Some(&cert));
+        assert_eq!(state.rotation_requests.get("n1"), Some(&3));
+        assert_eq!(
+            state
+                .origins
+                .get("VeilNodeCertificate/n1")
+                .map(String::as_str),
+            Some(
+                Certificates::new(dir)
+                    .path("n1")
+                    .display()
+                    .to_string()
+                    .as_str()
+            )
+        );
+
+        // A certificate whose reader fields contradict the signed copy, and
+        // a rotation to generation 0: diagnosed by name, last good kept.
+        let path = Certificates::new(dir).path("n1");
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("notAfter: 2000", "notAfter: 9999")).unwrap();
+        write(
+            dir,
+            "veilrotations/n1.yaml",
+            "apiVersion: veil.dev/v1alpha1\nkind: VeilKeyRotation\nmetadata: {name: n1}\nspec: {generation: 0}\n",
+        );
+        let (state, diags) = source.load();
+        assert_eq!(state.certificates.get("n1"), Some(&cert), "last good kept");
+        assert_eq!(
+            state.rotation_requests.get("n1"),
+            Some(&3),
+            "last good kept"
+        );
+        let cert_problems = problems(&diags, "VeilNodeCertificate/n1");
+        assert_eq!(cert_problems.len(), 1, "{diags:?}");
+        assert!(
+            cert_problems[0].contains("spec.notAfter is `9999`")
+                && cert_problems[0].contains("keeping the last good version"),
+            "{cert_problems:?}"
+        );
+        let rot_problems = problems(&diags, "VeilKeyRotation/n1");
+        assert!(
+            rot_problems.len() == 1
+                && rot_problems[0].contains("spec.generation must be at least 1"),
+            "{diags:?}"
+        );
+
+        // Deleted: gone from the state.
+        fs::remove_file(&path).unwrap();
+        fs::remove_file(trust::rotation_path(dir, "n1")).unwrap();
+        let (state, _) = source.load();
+        assert!(state.certificates.is_empty() && state.rotation_requests.is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The kube source: cluster state from the Kubernetes API server.
 //!
 //! One [`watcher`] per kind (Nodes, Pods, Namespaces, NetworkPolicies, and the
-//! Veil kinds `VeilNode`, `VeilClusterConfig`, `VeilIdentity` and `VeilPolicy`)
+//! Veil kinds `VeilNode`, `VeilClusterConfig`, `VeilIdentity`, `VeilPolicy`,
+//! `VeilNodeCertificate` and `VeilKeyRotation`)
 //! feeds a store of converted objects. The conversions are the ones the file
 //! source uses (`NodeInfo::try_from(&Node)` and friends, in [`super::objects`];
 //! `Policy::try_from` for both policy kinds), so both sources agree on what an
@@ -44,6 +45,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::objects::{VeilClusterConfig, VeilNode, CLUSTER_CONFIG_NAME};
+use super::trust::{CertificateObject, RotationObject};
 use super::{
     Announcement, ClusterConfig, ClusterState, Diagnostic, NamespaceInfo, NodeInfo, Object, PodInfo,
 };
@@ -53,7 +55,7 @@ pub mod ctl;
 #[cfg(test)]
 mod tests;
 
-pub use access::{ApiAccess, API_ACCESS};
+pub use access::{ApiAccess, API_ACCESS, CTL_ACCESS};
 
 /// `Diagnostic::source` of everything this source reports.
 pub const DIAGNOSTIC_SOURCE: &str = "kube";
@@ -169,10 +171,12 @@ enum Kind {
     VeilIdentity,
     NetworkPolicy,
     VeilPolicy,
+    VeilNodeCertificate,
+    VeilKeyRotation,
 }
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 10] = [
         Kind::Node,
         Kind::Pod,
         Kind::Namespace,
@@ -181,6 +185,8 @@ impl Kind {
         Kind::VeilIdentity,
         Kind::NetworkPolicy,
         Kind::VeilPolicy,
+        Kind::VeilNodeCertificate,
+        Kind::VeilKeyRotation,
     ];
 
     fn name(self) -> &'static str {
@@ -193,6 +199,8 @@ impl Kind {
             Kind::VeilIdentity => super::identity::VeilIdentity::KIND,
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::VeilPolicy => crate::policy::VeilPolicy::KIND,
+            Kind::VeilNodeCertificate => CertificateObject::KIND,
+            Kind::VeilKeyRotation => RotationObject::KIND,
         }
     }
 
@@ -410,6 +418,16 @@ pub fn veil_policy_resource() -> ApiResource {
     veil_resource(crate::policy::VeilPolicy::KIND, "veilpolicies")
 }
 
+/// `veil.dev/v1alpha1 VeilNodeCertificate` (cluster-scoped, plural `veilnodecertificates`).
+pub fn veil_certificate_resource() -> ApiResource {
+    veil_resource(CertificateObject::KIND, "veilnodecertificates")
+}
+
+/// `veil.dev/v1alpha1 VeilKeyRotation` (cluster-scoped, plural `veilkeyrotations`).
+pub fn veil_rotation_resource() -> ApiResource {
+    veil_resource(RotationObject::KIND, "veilkeyrotations")
+}
+
 /// Reads a dynamic object as one of the typed Veil structs. Goes through
 /// JSON: `DynamicObject` keeps unknown fields as JSON, exactly what the typed
 /// struct was designed to read.
@@ -448,6 +466,20 @@ fn convert_veil_identity(obj: &DynamicObject) -> Result<Object, String> {
     let v: super::identity::VeilIdentity = typed(obj)?;
     super::identity::PublishedIdentity::try_from(&v)
         .map(Object::Identity)
+        .map_err(|e| e.to_string())
+}
+
+fn convert_certificate(obj: &DynamicObject) -> Result<Object, String> {
+    let c: CertificateObject = typed(obj)?;
+    super::trust::certificate_of(&c)
+        .map(|c| Object::Certificate(Box::new(c)))
+        .map_err(|e| e.to_string())
+}
+
+fn convert_rotation(obj: &DynamicObject) -> Result<Object, String> {
+    let r: RotationObject = typed(obj)?;
+    super::trust::rotation_of(&r)
+        .map(Object::Rotation)
         .map_err(|e| e.to_string())
 }
 
@@ -582,6 +614,22 @@ impl KubeSource {
                 backoff,
                 &shared,
                 convert_veil_policy,
+            ),
+            spawn_watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &veil_certificate_resource()),
+                Kind::VeilNodeCertificate,
+                &wc,
+                backoff,
+                &shared,
+                convert_certificate,
+            ),
+            spawn_watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &veil_rotation_resource()),
+                Kind::VeilKeyRotation,
+                &wc,
+                backoff,
+                &shared,
+                convert_rotation,
             ),
         ];
         Self {

@@ -1,7 +1,9 @@
-//! Files of the trust model outside the key store: node certificates in the
-//! cluster dir (`veilcerts/<node>.yaml`), key rotation requests
-//! (`veilrotations/<node>.yaml`), and the per-node record of accepted peer
-//! announcements (`accepted.yaml` in the node's key dir).
+//! Objects and files of the trust model outside the key store: node
+//! certificates (`VeilNodeCertificate`; `veilcerts/<node>.yaml` in a cluster
+//! dir), key rotation requests (`VeilKeyRotation`; `veilrotations/<node>.yaml`),
+//! their CRDs and the checks both sources apply when reading them
+//! ([`certificate_of`], [`rotation_of`]), and the per-node record of
+//! accepted peer announcements (`accepted.yaml` in the node's key dir).
 //!
 //! Certificates and rotation requests are public (0644): a certificate is
 //! worthless without the node's identity key, and a rotation request can
@@ -17,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::objects::{parse_cidr, VEIL_API_VERSION};
@@ -53,6 +57,10 @@ pub enum Error {
         #[source]
         source: keymgr::Error,
     },
+    /// A `VeilNodeCertificate` or `VeilKeyRotation` that cannot be used
+    /// (the source names the object).
+    #[error("{problem}")]
+    Object { problem: String },
     #[error("certifying node {node}: {source}")]
     Certify {
         node: String,
@@ -62,7 +70,9 @@ pub enum Error {
 }
 
 /// `veil.dev/v1alpha1 VeilNodeCertificate`: the authority's certificate for
-/// one node's identity key. The file source ignores this kind.
+/// one node's identity key, named after the node. The file source reads it
+/// from `veilcerts/<node>.yaml`, the kube source watches `veilnodecertificates`;
+/// both convert it with [`certificate_of`] into `ClusterState::certificates`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateObject {
@@ -73,19 +83,77 @@ pub struct CertificateObject {
     pub spec: CertificateSpec,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The certificate itself is `certificate` (keymgr's base64 form: the signed
+/// bytes and the authority's signature); the other fields repeat what it
+/// says for `kubectl get` and are checked against it by [`certificate_of`].
+///
+/// The CRD (`crds/veilnodecertificates.yaml`) is derived from this type like
+/// `VeilNodeSpec`'s: `VeilNodeCertificateCrd` is kube-derive's root,
+/// [`CertificateObject`] stays the plain serde type both sources read. The
+/// schema only catches shape mistakes; whether a certificate is trusted is
+/// decided by each agent against the authority key it was installed with
+/// (SECURITY.md), never by the API server.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, CustomResource, JsonSchema,
+)]
+// kube's derive takes one `printcolumn(name = .., type_ = .., ..)` per column;
+// clippy reads the repeated keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "VeilNodeCertificate",
+    root = "VeilNodeCertificateCrd",
+    shortname = "vcert",
+    category = "veil",
+    doc = "The cluster authority's certificate for one node's identity key, named after the node; written by `veilctl node approve`.",
+    validation = Rule::new(NODE_NAME_RULE).message("metadata.name must be the node's name (a DNS subdomain: lowercase letters, digits, '-' and '.')"),
+    printcolumn(name = "Identity key", type_ = "string", json_path = ".spec.identityKey"),
+    printcolumn(name = "Not after", type_ = "integer", json_path = ".spec.notAfter"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(rename_all = "camelCase")]
+#[schemars(
+    description = "The authority's certificate for the identity key of the node named in metadata.name. Agents verify it against their --authority-public-key; a certificate that does not verify is ignored."
+)]
+#[schemars(
+    extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.notAfter > self.notBefore",
+            "message": "notAfter must be later than notBefore",
+        },
+    ])
+)]
 pub struct CertificateSpec {
-    /// For readers; the signed copy is inside `certificate`.
+    /// The node's Ed25519 identity public key, base64 (for readers; the
+    /// signed copy is inside `certificate`).
+    #[schemars(regex(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub identity_key: String,
+    /// Validity, seconds since the Unix epoch (UTC), as signed.
     pub not_before: u64,
     pub not_after: u64,
-    /// `keymgr::NodeCertificate::to_base64`.
+    /// `keymgr::NodeCertificate::to_base64`: the signed bytes and signature.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = "^[A-Za-z0-9+/]+={0,2}$"))]
     pub certificate: String,
 }
 
 impl CertificateObject {
     pub const KIND: &'static str = "VeilNodeCertificate";
+
+    /// The object that carries `cert`, named after its node.
+    pub fn new(cert: &keymgr::NodeCertificate) -> Self {
+        Self {
+            api_version: VEIL_API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata: named(&cert.node),
+            spec: CertificateSpec {
+                identity_key: keymgr::encode_key(&cert.identity_key),
+                not_before: cert.not_before,
+                not_after: cert.not_after,
+                certificate: cert.to_base64(),
+            },
+        }
+    }
 }
 
 /// `veil.dev/v1alpha1 VeilKeyRotation`: asks node `metadata.name` to rotate
@@ -100,14 +168,148 @@ pub struct RotationObject {
     pub spec: RotationSpec,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Written by `veilctl keys rotate`, read by the node's agent. Unsigned on
+/// purpose: all it can do is make a node rotate its own key (SECURITY.md).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, CustomResource, JsonSchema,
+)]
+#[allow(clippy::duplicated_attributes)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "VeilKeyRotation",
+    root = "VeilKeyRotationCrd",
+    shortname = "vrot",
+    category = "veil",
+    doc = "A request that the node named in metadata.name rotate its WireGuard key until its key generation is at least spec.generation; written by `veilctl keys rotate`.",
+    validation = Rule::new(NODE_NAME_RULE).message("metadata.name must be the node's name (a DNS subdomain: lowercase letters, digits, '-' and '.')"),
+    printcolumn(name = "Requested generation", type_ = "integer", json_path = ".spec.generation"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(rename_all = "camelCase")]
+#[schemars(
+    description = "The key generation the node must reach: its agent rotates while its generation is lower."
+)]
 pub struct RotationSpec {
+    /// The WireGuard key generation the node must reach (1 is a node's first key).
+    #[schemars(range(min = 1))]
     pub generation: u64,
 }
 
 impl RotationObject {
     pub const KIND: &'static str = "VeilKeyRotation";
+
+    /// The request that node `node` reach `generation`.
+    pub fn new(node: &str, generation: u64) -> Self {
+        Self {
+            api_version: VEIL_API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata: named(node),
+            spec: RotationSpec { generation },
+        }
+    }
+}
+
+/// CEL: `metadata.name` is a node name as `keymgr::validate_node_name` takes
+/// it (Kubernetes node names are DNS subdomains; RFC 1123).
+pub const NODE_NAME_RULE: &str = "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+
+/// What an object says, checked: the node it is named after must be a node
+/// name, and every reader field must agree with the signed certificate. The
+/// signature is not checked here (the sources do not hold the authority
+/// key); the agent verifies it before use.
+pub fn certificate_of(obj: &CertificateObject) -> Result<keymgr::NodeCertificate, Error> {
+    let name = object_name(&obj.metadata)?;
+    let cert =
+        keymgr::NodeCertificate::from_base64(&obj.spec.certificate).map_err(|e| Error::Object {
+            problem: format!("spec.certificate: {e}"),
+        })?;
+    let mismatch = |field: &str, says: String, signed: String| Error::Object {
+        problem: format!("{field} is `{says}` but the signed certificate says `{signed}`"),
+    };
+    if cert.node != name {
+        return Err(mismatch("metadata.name", name.into(), cert.node));
+    }
+    let signed_key = keymgr::encode_key(&cert.identity_key);
+    if obj.spec.identity_key != signed_key {
+        return Err(mismatch(
+            "spec.identityKey",
+            obj.spec.identity_key.clone(),
+            signed_key,
+        ));
+    }
+    if obj.spec.not_before != cert.not_before {
+        return Err(mismatch(
+            "spec.notBefore",
+            obj.spec.not_before.to_string(),
+            cert.not_before.to_string(),
+        ));
+    }
+    if obj.spec.not_after != cert.not_after {
+        return Err(mismatch(
+            "spec.notAfter",
+            obj.spec.not_after.to_string(),
+            cert.not_after.to_string(),
+        ));
+    }
+    Ok(cert)
+}
+
+/// A `VeilKeyRotation`, checked: named after a node, generation at least 1.
+pub fn rotation_of(obj: &RotationObject) -> Result<super::RotationRequest, Error> {
+    let name = object_name(&obj.metadata)?;
+    if obj.spec.generation == 0 {
+        return Err(Error::Object {
+            problem: "spec.generation must be at least 1".into(),
+        });
+    }
+    Ok(super::RotationRequest {
+        node: name.into(),
+        generation: obj.spec.generation,
+    })
+}
+
+fn object_name(meta: &ObjectMeta) -> Result<&str, Error> {
+    let name = meta
+        .name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Error::Object {
+            problem: "metadata.name is missing or empty".into(),
+        })?;
+    keymgr::validate_node_name(name).map_err(|e| Error::Object {
+        problem: format!("metadata.name: {e}"),
+    })?;
+    Ok(name)
+}
+
+/// Whether `cert` (this node's `VeilNodeCertificate` from the cluster state,
+/// if any) certifies `identity` for `node` and verifies under `authority`
+/// now; otherwise why not.
+pub fn check_certificate(
+    cert: Option<&keymgr::NodeCertificate>,
+    node: &str,
+    identity: &[u8; 32],
+    authority: &[u8; 32],
+    now: u64,
+) -> Result<keymgr::NodeCertificate, String> {
+    let object = format!("{}/{node}", CertificateObject::KIND);
+    let Some(cert) = cert else {
+        return Err(format!("{object} does not exist"));
+    };
+    if cert.node != node {
+        return Err(format!("{object}: certificate is for node `{}`", cert.node));
+    }
+    if &cert.identity_key != identity {
+        return Err(format!(
+            "{object}: certificate is for identity key {}, this node's is {}",
+            keymgr::encode_key(&cert.identity_key),
+            keymgr::encode_key(identity)
+        ));
+    }
+    cert.verify(authority, now, 0)
+        .map_err(|e| format!("{object}: {e}"))?;
+    Ok(cert.clone())
 }
 
 /// Loads the authority key from a `veilctl ca init` directory or the path of
@@ -162,61 +364,22 @@ impl Certificates {
         let Some(text) = read_small(&path)? else {
             return Ok(None);
         };
-        let obj: CertificateObject = serde_yaml::from_str(&text).map_err(|e| Error::Invalid {
+        let invalid = |problem: String| Error::Invalid {
             path: path.clone(),
-            problem: e.to_string(),
-        })?;
-        if obj.kind != CertificateObject::KIND {
-            return Err(Error::Invalid {
-                path,
-                problem: format!(
-                    "kind is `{}`, expected {}",
-                    obj.kind,
-                    CertificateObject::KIND
-                ),
-            });
-        }
-        keymgr::NodeCertificate::from_base64(&obj.spec.certificate)
-            .map(Some)
-            .map_err(|e| Error::Invalid {
-                path,
-                problem: format!("spec.certificate: {e}"),
-            })
-    }
-
-    /// The stored certificate if it certifies `identity` for `node` and
-    /// verifies under `authority` now; otherwise why not.
-    pub fn valid_for(
-        &self,
-        node: &str,
-        identity: &[u8; 32],
-        authority: &[u8; 32],
-        now: u64,
-    ) -> Result<keymgr::NodeCertificate, String> {
-        let path = self.path(node);
-        let cert = match self.read(node) {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(format!("{} does not exist", path.display())),
-            Err(e) => return Err(e.to_string()),
+            problem,
         };
-        if cert.node != node {
-            return Err(format!(
-                "{}: certificate is for node `{}`",
-                path.display(),
-                cert.node
-            ));
+        let obj: CertificateObject =
+            serde_yaml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if obj.kind != CertificateObject::KIND {
+            return Err(invalid(format!(
+                "kind is `{}`, expected {}",
+                obj.kind,
+                CertificateObject::KIND
+            )));
         }
-        if &cert.identity_key != identity {
-            return Err(format!(
-                "{}: certificate is for identity key {}, this node's is {}",
-                path.display(),
-                keymgr::encode_key(&cert.identity_key),
-                keymgr::encode_key(identity)
-            ));
-        }
-        cert.verify(authority, now, 0)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(cert)
+        certificate_of(&obj)
+            .map(Some)
+            .map_err(|e| invalid(e.to_string()))
     }
 
     /// Issues and writes a certificate for `identity`, valid from now (back-
@@ -240,17 +403,7 @@ impl Certificates {
     }
 
     pub fn write(&self, cert: &keymgr::NodeCertificate) -> Result<(), Error> {
-        let obj = CertificateObject {
-            api_version: VEIL_API_VERSION.into(),
-            kind: CertificateObject::KIND.into(),
-            metadata: named(&cert.node),
-            spec: CertificateSpec {
-                identity_key: keymgr::encode_key(&cert.identity_key),
-                not_before: cert.not_before,
-                not_after: cert.not_after,
-                certificate: cert.to_base64(),
-            },
-        };
+        let obj = CertificateObject::new(cert);
         let text = to_yaml(&self.path(&cert.node), &obj)?;
         write_atomic(&self.path(&cert.node), text.as_bytes(), 0o644)
     }
@@ -261,27 +414,10 @@ pub fn rotation_path(cluster_dir: &Path, node: &str) -> PathBuf {
     cluster_dir.join(ROTATION_DIR).join(format!("{node}.yaml"))
 }
 
-/// The requested generation for `node`, if a request exists.
-pub fn read_rotation(cluster_dir: &Path, node: &str) -> Result<Option<u64>, Error> {
-    let path = rotation_path(cluster_dir, node);
-    let Some(text) = read_small(&path)? else {
-        return Ok(None);
-    };
-    let obj: RotationObject = serde_yaml::from_str(&text).map_err(|e| Error::Invalid {
-        path: path.clone(),
-        problem: e.to_string(),
-    })?;
-    Ok(Some(obj.spec.generation))
-}
-
+/// Writes `veilrotations/<node>.yaml`: node `node` must reach `generation`.
 pub fn write_rotation(cluster_dir: &Path, node: &str, generation: u64) -> Result<(), Error> {
     let path = rotation_path(cluster_dir, node);
-    let obj = RotationObject {
-        api_version: VEIL_API_VERSION.into(),
-        kind: RotationObject::KIND.into(),
-        metadata: named(node),
-        spec: RotationSpec { generation },
-    };
+    let obj = RotationObject::new(node, generation);
     let text = to_yaml(&path, &obj)?;
     write_atomic(&path, text.as_bytes(), 0o644)
 }
@@ -488,30 +624,74 @@ mod tests {
             .unwrap();
         assert_eq!(certs.read("n1").unwrap(), Some(cert.clone()));
         let ak = authority.public_key();
-        assert_eq!(
-            certs.valid_for("n1", &identity, &ak, now + 1).unwrap(),
-            cert
-        );
+        let ok = |c: Option<&keymgr::NodeCertificate>, id: &[u8; 32], ak: &[u8; 32], t: u64| {
+            check_certificate(c, "n1", id, ak, t)
+        };
+        assert_eq!(ok(Some(&cert), &identity, &ak, now + 1).unwrap(), cert);
+        assert!(ok(None, &identity, &ak, now)
+            .unwrap_err()
+            .contains("VeilNodeCertificate/n1 does not exist"));
         let other = keymgr::IdentityKey::from_seed([3; 32]).public_key();
-        assert!(certs
-            .valid_for("n1", &other, &ak, now)
+        assert!(ok(Some(&cert), &other, &ak, now)
             .unwrap_err()
             .contains("this node's is"));
-        assert!(certs
-            .valid_for("n1", &identity, &ak, now + 7200)
+        assert!(ok(Some(&cert), &identity, &ak, now + 7200)
             .unwrap_err()
             .contains("expired"));
         let wrong = keymgr::AuthorityKey::from_seed([9; 32]).public_key();
-        assert!(certs.valid_for("n1", &identity, &wrong, now).is_err());
+        assert!(ok(Some(&cert), &identity, &wrong, now).is_err());
+        assert!(check_certificate(Some(&cert), "n2", &identity, &ak, now)
+            .unwrap_err()
+            .contains("certificate is for node `n1`"));
+    }
+
+    #[test]
+    fn certificate_objects_must_agree_with_the_signed_certificate() {
+        let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+        let identity = keymgr::IdentityKey::from_seed([2; 32]).public_key();
+        let cert = authority.certify("n1", identity, 1000, 2000).unwrap();
+        let obj = CertificateObject::new(&cert);
+        assert_eq!(certificate_of(&obj).unwrap(), cert);
+        type Mutate = fn(&mut CertificateObject);
+        let cases: [(Mutate, &str); 6] = [
+            (
+                |o| o.metadata.name = Some("n2".into()),
+                "metadata.name is `n2` but the signed certificate says `n1`",
+            ),
+            (|o| o.metadata.name = None, "metadata.name is missing"),
+            (|o| o.metadata.name = Some("N_1".into()), "metadata.name: "),
+            (
+                |o| o.spec.identity_key = keymgr::encode_key(&[7; 32]),
+                "spec.identityKey is",
+            ),
+            (|o| o.spec.not_after = 3000, "spec.notAfter is `3000`"),
+            (
+                |o| o.spec.certificate = "bm90IGEgY2VydA==".into(),
+                "spec.certificate: ",
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut o = obj.clone();
+            mutate(&mut o);
+            let err = certificate_of(&o).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 
     #[test]
     fn rotation_requests() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_rotation(dir.path(), "n1").unwrap(), None);
         write_rotation(dir.path(), "n1", 4).unwrap();
-        assert_eq!(read_rotation(dir.path(), "n1").unwrap(), Some(4));
-        fs::write(rotation_path(dir.path(), "n1"), "spec: [").unwrap();
-        assert!(read_rotation(dir.path(), "n1").is_err());
+        let text = fs::read_to_string(rotation_path(dir.path(), "n1")).unwrap();
+        let obj: RotationObject = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(obj.kind, RotationObject::KIND);
+        let r = rotation_of(&obj).unwrap();
+        assert_eq!((r.node.as_str(), r.generation), ("n1", 4));
+        let zero = RotationObject::new("n1", 0);
+        assert!(rotation_of(&zero)
+            .unwrap_err()
+            .to_string()
+            .contains("spec.generation must be at least 1"));
+        assert!(rotation_of(&RotationObject::new("-bad", 3)).is_err());
     }
 }

@@ -83,4 +83,83 @@ pub const API_ACCESS: &[ApiAccess] = &[
         resource: "veilpolicies",
         verbs: &["list", "watch"],
     },
+    // The trust objects, read only: an agent verifies its own certificate
+    // and obeys its rotation request, but never writes either (a node must
+    // not certify itself; SECURITY.md).
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilnodecertificates",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilkeyrotations",
+        verbs: &["list", "watch"],
+    },
+];
+
+/// What `veilctl` asks of the API server in Kubernetes mode
+/// (`cluster::store::Store::Kube`), for the `veil-operator` ClusterRole in
+/// `deploy/base/rbac.yaml`. `cargo test --test manifests` records the
+/// requests of every store operation against a mock API server, requires
+/// them to equal this list, and requires the role to grant exactly it.
+///
+/// Reading is one list of every kind the agent watches (`status`,
+/// `policy trace` and the checks of every write need the whole state).
+/// Writes are server-side applies (`patch`, plus `create` when the object
+/// may not exist): the cluster config's `spec.encryption`
+/// (`enable`/`disable`, which first `get`s the current strict setting),
+/// certificates (`node approve`), rotation requests (`keys rotate`) and
+/// external peers' `VeilNode`s (`peer add`).
+pub const CTL_ACCESS: &[ApiAccess] = &[
+    ApiAccess {
+        group: "",
+        resource: "nodes",
+        verbs: &["list"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "pods",
+        verbs: &["list"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "namespaces",
+        verbs: &["list"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilnodes",
+        verbs: &["list", "create", "patch"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilclusterconfigs",
+        verbs: &["list", "get", "create", "patch"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilidentities",
+        verbs: &["list"],
+    },
+    ApiAccess {
+        group: "networking.k8s.io",
+        resource: "networkpolicies",
+        verbs: &["list"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilpolicies",
+        verbs: &["list"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilnodecertificates",
+        verbs: &["list", "create", "patch"],
+    },
+    ApiAccess {
+        group: "veil.dev",
+        resource: "veilkeyrotations",
+        verbs: &["list", "create", "patch"],
+    },
 ];

@@ -1,10 +1,13 @@
 //! `veilctl` against the Kubernetes API, and the `VeilClusterConfig` status
 //! every agent keeps current in kube mode.
 //!
-//! `veilctl status` takes one list of each kind it shows (Nodes, Pods,
-//! `VeilNode`s, `VeilClusterConfig`s) and converts the objects with the same
-//! conversions the kube source's watchers use, so the table it prints is
-//! computed from exactly what an agent would see. `enable`/`disable` change
+//! `veilctl` takes one list of each kind the agents watch and converts the
+//! objects with the same conversions the kube source's watchers use, so
+//! what it prints and checks is computed from exactly what an agent would
+//! see. `node approve`, `keys rotate` and `peer add` write
+//! `VeilNodeCertificate`, `VeilKeyRotation` and `VeilNode` objects by
+//! server-side apply under [`CTL_FIELD_MANAGER`] (through
+//! `cluster::store::Store`, which does the same on a cluster dir). `enable`/`disable` change
 //! only `spec.encryption` of `VeilClusterConfig/default`, by server-side apply
 //! under their own field manager ([`CTL_FIELD_MANAGER`]), which creates the
 //! object when absent and leaves fields other managers own (e.g.
@@ -20,19 +23,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use ::kube::core::ApiResource;
 use ::kube::Client;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use super::{
-    convert_cluster_config, convert_node, convert_pod, convert_veil_node,
-    veil_cluster_config_resource, veil_node_resource, Kind, KubeSource, DIAGNOSTIC_SOURCE,
+    convert_certificate, convert_cluster_config, convert_namespace, convert_network_policy,
+    convert_node, convert_pod, convert_rotation, convert_veil_identity, convert_veil_node,
+    convert_veil_policy, veil_certificate_resource, veil_cluster_config_resource,
+    veil_identity_resource, veil_node_resource, veil_policy_resource, veil_rotation_resource, Kind,
+    KubeSource, DIAGNOSTIC_SOURCE,
 };
-use crate::cluster::objects::{VeilClusterConfig, VeilClusterConfigStatus, CLUSTER_CONFIG_NAME};
-use crate::cluster::{ClusterState, Diagnostic, Object};
+use crate::cluster::objects::{
+    VeilClusterConfig, VeilClusterConfigStatus, VeilNode, CLUSTER_CONFIG_NAME,
+};
+use crate::cluster::trust::{CertificateObject, RotationObject};
+use crate::cluster::{Announcement, ClusterState, Diagnostic, Object};
 use crate::reconcile::enable::conditions;
 
 /// Field manager of `veilctl enable|disable`: owns `spec.encryption` only.
@@ -130,51 +141,62 @@ fn typed<T: DeserializeOwned>(obj: &DynamicObject, object: &str) -> Result<T, Er
     })
 }
 
-/// One list of every kind `veilctl status` shows, converted as the kube
-/// source converts them. Objects that do not convert are skipped and
-/// reported as diagnostics, exactly like the agent does; a failing list is
-/// an error naming the kind.
+/// One list of every kind the agents watch ([`Kind::ALL`], in that order),
+/// converted as the kube source converts them, so `veilctl` computes from
+/// exactly what an agent would see (`status`, `policy trace`, and the checks
+/// before `node approve`, `keys rotate` and `peer add`). Objects that do not
+/// convert are skipped and reported as diagnostics, exactly like the agent
+/// does; a failing list is an error naming the kind.
 pub async fn load_state(client: &Client) -> Result<(ClusterState, Vec<Diagnostic>), Error> {
-    let lp = ListParams::default();
     let mut objects: Vec<(String, Result<Object, String>)> = Vec::new();
-    let list_err = |kind: &str| {
-        let object = format!("{kind} list");
-        move |source| Error::Api {
-            object,
-            op: "list",
-            source,
+    for kind in Kind::ALL {
+        let c = client.clone();
+        match kind {
+            Kind::Node => list_into(Api::<Node>::all(c), kind, convert_node, &mut objects).await?,
+            Kind::Pod => list_into(Api::<Pod>::all(c), kind, convert_pod, &mut objects).await?,
+            Kind::Namespace => {
+                list_into(
+                    Api::<Namespace>::all(c),
+                    kind,
+                    convert_namespace,
+                    &mut objects,
+                )
+                .await?;
+            }
+            Kind::NetworkPolicy => {
+                list_into(
+                    Api::<NetworkPolicy>::all(c),
+                    kind,
+                    convert_network_policy,
+                    &mut objects,
+                )
+                .await?;
+            }
+            Kind::VeilNode
+            | Kind::VeilClusterConfig
+            | Kind::VeilIdentity
+            | Kind::VeilPolicy
+            | Kind::VeilNodeCertificate
+            | Kind::VeilKeyRotation => {
+                let (resource, convert): (_, Convert<DynamicObject>) = match kind {
+                    Kind::VeilNode => (veil_node_resource(), convert_veil_node),
+                    Kind::VeilClusterConfig => {
+                        (veil_cluster_config_resource(), convert_cluster_config)
+                    }
+                    Kind::VeilIdentity => (veil_identity_resource(), convert_veil_identity),
+                    Kind::VeilPolicy => (veil_policy_resource(), convert_veil_policy),
+                    Kind::VeilNodeCertificate => (veil_certificate_resource(), convert_certificate),
+                    _ => (veil_rotation_resource(), convert_rotation),
+                };
+                list_into(
+                    Api::<DynamicObject>::all_with(c, &resource),
+                    kind,
+                    convert,
+                    &mut objects,
+                )
+                .await?;
+            }
         }
-    };
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(list_err("Node"))?;
-    for n in &nodes.items {
-        objects.push((Kind::Node.key(&n.metadata), convert_node(n)));
-    }
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(list_err("Pod"))?;
-    for p in &pods.items {
-        objects.push((Kind::Pod.key(&p.metadata), convert_pod(p)));
-    }
-    let veil_nodes = Api::<DynamicObject>::all_with(client.clone(), &veil_node_resource())
-        .list(&lp)
-        .await
-        .map_err(list_err("VeilNode"))?;
-    for v in &veil_nodes.items {
-        objects.push((Kind::VeilNode.key(&v.metadata), convert_veil_node(v)));
-    }
-    let configs = Api::<DynamicObject>::all_with(client.clone(), &veil_cluster_config_resource())
-        .list(&lp)
-        .await
-        .map_err(list_err("VeilClusterConfig"))?;
-    for c in &configs.items {
-        objects.push((
-            Kind::VeilClusterConfig.key(&c.metadata),
-            convert_cluster_config(c),
-        ));
     }
     let mut state = ClusterState::default();
     let mut diags = Vec::new();
@@ -189,6 +211,96 @@ pub async fn load_state(client: &Client) -> Result<(ClusterState, Vec<Diagnostic
         }
     }
     Ok((state, diags))
+}
+
+/// A watcher's conversion of one object of `K`.
+type Convert<K> = fn(&K) -> Result<Object, String>;
+
+/// One list of `kind`, each object converted and keyed as the watchers do.
+async fn list_into<K>(
+    api: Api<K>,
+    kind: Kind,
+    convert: Convert<K>,
+    objects: &mut Vec<(String, Result<Object, String>)>,
+) -> Result<(), Error>
+where
+    K: ::kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::Api {
+            object: format!("{} list", kind.name()),
+            op: "list",
+            source,
+        })?;
+    for item in &list.items {
+        objects.push((kind.key(item.meta()), convert(item)));
+    }
+    Ok(())
+}
+
+/// Server-side apply of a whole object under [`CTL_FIELD_MANAGER`],
+/// creating it when absent. `force`: the operator running veilctl means
+/// this content, whoever wrote the fields before.
+async fn apply_object(
+    client: &Client,
+    resource: &ApiResource,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<(), Error> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
+    api.patch(
+        name,
+        &PatchParams::apply(CTL_FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        object: format!("{}/{name}", resource.kind),
+        op: "server-side apply",
+        source,
+    })?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(object: String, value: &T) -> Result<serde_json::Value, Error> {
+    serde_json::to_value(value).map_err(|e| Error::Malformed {
+        object,
+        problem: format!("cannot serialize: {e}"),
+    })
+}
+
+/// Applies `VeilNodeCertificate/<node>` carrying `cert` (`veilctl node approve`).
+pub async fn apply_certificate(
+    client: &Client,
+    cert: &keymgr::NodeCertificate,
+) -> Result<(), Error> {
+    let object = CertificateObject::new(cert);
+    let body = to_json(
+        format!("{}/{}", CertificateObject::KIND, cert.node),
+        &object,
+    )?;
+    apply_object(client, &veil_certificate_resource(), &cert.node, &body).await
+}
+
+/// Applies `VeilKeyRotation/<node>` asking for `generation` (`veilctl keys rotate`).
+pub async fn apply_rotation(client: &Client, node: &str, generation: u64) -> Result<(), Error> {
+    let object = RotationObject::new(node, generation);
+    let body = to_json(format!("{}/{node}", RotationObject::KIND), &object)?;
+    apply_object(client, &veil_rotation_resource(), node, &body).await
+}
+
+/// Applies the `VeilNode` of `a` (`veilctl peer add`: an external peer's
+/// announcement, signed by the authority). Its spec only: an external peer
+/// reports no status.
+pub async fn apply_announcement(client: &Client, a: &Announcement) -> Result<(), Error> {
+    let object = format!("{}/{}", VeilNode::KIND, a.node);
+    let mut body = to_json(object, &VeilNode::from(a))?;
+    if let Some(map) = body.as_object_mut() {
+        map.remove("status");
+    }
+    apply_object(client, &veil_node_resource(), &a.node, &body).await
 }
 
 /// Whether `state` holds a `VeilClusterConfig/default` (the status

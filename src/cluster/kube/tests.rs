@@ -47,10 +47,15 @@ enum Res {
     VeilIdentities,
     NetworkPolicies,
     VeilPolicies,
+    VeilNodeCertificates,
+    VeilKeyRotations,
 }
 
+/// `notAfter` of the sample certificates is this plus the sample version.
+const CERT_BASE: u64 = 2_000_000_000;
+
 impl Res {
-    const ALL: [Res; 8] = [
+    const ALL: [Res; 10] = [
         Res::Nodes,
         Res::Pods,
         Res::Namespaces,
@@ -59,6 +64,8 @@ impl Res {
         Res::VeilIdentities,
         Res::NetworkPolicies,
         Res::VeilPolicies,
+        Res::VeilNodeCertificates,
+        Res::VeilKeyRotations,
     ];
 
     fn path(self) -> &'static str {
@@ -71,15 +78,20 @@ impl Res {
             Res::VeilIdentities => "/apis/veil.dev/v1alpha1/veilidentities",
             Res::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
             Res::VeilPolicies => "/apis/veil.dev/v1alpha1/veilpolicies",
+            Res::VeilNodeCertificates => "/apis/veil.dev/v1alpha1/veilnodecertificates",
+            Res::VeilKeyRotations => "/apis/veil.dev/v1alpha1/veilkeyrotations",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Res::Nodes | Res::Pods | Res::Namespaces => "v1",
-            Res::VeilNodes | Res::VeilClusterConfigs | Res::VeilIdentities | Res::VeilPolicies => {
-                "veil.dev/v1alpha1"
-            }
+            Res::VeilNodes
+            | Res::VeilClusterConfigs
+            | Res::VeilIdentities
+            | Res::VeilPolicies
+            | Res::VeilNodeCertificates
+            | Res::VeilKeyRotations => "veil.dev/v1alpha1",
             Res::NetworkPolicies => "networking.k8s.io/v1",
         }
     }
@@ -94,6 +106,8 @@ impl Res {
             Res::VeilIdentities => "VeilIdentity",
             Res::NetworkPolicies => "NetworkPolicy",
             Res::VeilPolicies => "VeilPolicy",
+            Res::VeilNodeCertificates => "VeilNodeCertificate",
+            Res::VeilKeyRotations => "VeilKeyRotation",
         }
     }
 
@@ -174,6 +188,20 @@ impl Res {
                     "requireEncryption": true,
                 },
             }),
+            // Signed by a test authority for identity key `[v; 32]`-seeded.
+            Res::VeilNodeCertificates => {
+                let identity = keymgr::IdentityKey::from_seed([v; 32]).public_key();
+                let cert = keymgr::AuthorityKey::from_seed([1; 32])
+                    .certify(name, identity, 1_000, CERT_BASE + u64::from(v))
+                    .expect("sample certificate");
+                let mut obj = serde_json::to_value(CertificateObject::new(&cert)).expect("JSON");
+                obj["metadata"] = meta(json!({}));
+                obj
+            }
+            Res::VeilKeyRotations => json!({
+                "metadata": meta(json!({})),
+                "spec": {"generation": v},
+            }),
         };
         self.typed(body)
     }
@@ -200,6 +228,13 @@ impl Res {
                 "spec",
                 json!({"podSelector": {}, "ingressDeny": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/99"}}]}]}),
             ),
+            // The reader field contradicts the signed certificate.
+            Res::VeilNodeCertificates => {
+                let mut spec = obj["spec"].clone();
+                spec["notAfter"] = json!(1);
+                ("spec", spec)
+            }
+            Res::VeilKeyRotations => ("spec", json!({"generation": 0})),
         };
         obj[broken.0] = broken.1;
         obj
@@ -249,6 +284,14 @@ impl Res {
                     }
                     crate::policy::PortMatch::Named { .. } => None,
                 }),
+            Res::VeilNodeCertificates => state
+                .certificates
+                .get(name)
+                .and_then(|c| u8::try_from(c.not_after.checked_sub(CERT_BASE)?).ok()),
+            Res::VeilKeyRotations => state
+                .rotation_requests
+                .get(name)
+                .and_then(|g| u8::try_from(*g).ok()),
         }
     }
 
@@ -561,6 +604,8 @@ impl ApiServerVerifier {
                 Res::VeilIdentities => vec![res.sample("300", 7, 5), res.invalid("301", 6)],
                 Res::NetworkPolicies => vec![res.sample("allow", 8, 5), res.invalid("bad", 6)],
                 Res::VeilPolicies => vec![res.sample("allow", 9, 5), res.invalid("bad", 6)],
+                Res::VeilNodeCertificates => vec![res.sample("n1", 3, 5), res.invalid("bad", 6)],
+                Res::VeilKeyRotations => vec![res.sample("n1", 4, 5), res.invalid("bad", 6)],
             };
             self.next_of(res, Verb::List).await.list(items, 10);
             let watch = self.next_of(res, Verb::Watch).await;
@@ -607,6 +652,15 @@ impl ApiServerVerifier {
         assert_eq!(Res::VeilIdentities.observed(&state, "300"), Some(7));
         assert_eq!(Res::NetworkPolicies.observed(&state, "allow"), Some(8));
         assert_eq!(Res::VeilPolicies.observed(&state, "allow"), Some(9));
+        assert_eq!(Res::VeilNodeCertificates.observed(&state, "n1"), Some(3));
+        assert_eq!(Res::VeilKeyRotations.observed(&state, "n1"), Some(4));
+        assert_eq!(
+            state
+                .origins
+                .get("VeilNodeCertificate/n1")
+                .map(String::as_str),
+            Some("kube")
+        );
         let vp = &state.policies["VeilPolicy/prod/allow"];
         assert!(vp.require_encryption && vp.deny[0].len() == 1, "{vp:#?}");
         assert_eq!(
@@ -631,6 +685,8 @@ impl ApiServerVerifier {
             ("VeilIdentity/301", "spec.namespace"),
             ("NetworkPolicy/prod/bad", "spec.policyTypes"),
             ("VeilPolicy/prod/bad", "spec.ingressDeny"),
+            ("VeilNodeCertificate/bad", "spec.notAfter is `1`"),
+            ("VeilKeyRotation/bad", "spec.generation must be at least 1"),
             (
                 "VeilClusterConfig/other",
                 "only the VeilClusterConfig named",
@@ -1244,6 +1300,16 @@ async fn network_policy_events() {
 #[tokio::test]
 async fn veil_policy_events() {
     play(Scenario::Events(Res::VeilPolicies)).await;
+}
+
+#[tokio::test]
+async fn certificate_events() {
+    play(Scenario::Events(Res::VeilNodeCertificates)).await;
+}
+
+#[tokio::test]
+async fn rotation_events() {
+    play(Scenario::Events(Res::VeilKeyRotations)).await;
 }
 
 #[tokio::test]

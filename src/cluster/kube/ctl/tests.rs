@@ -147,20 +147,221 @@ fn config(spec: Value) -> Value {
     })
 }
 
-/// Serves the four lists `load_state` makes, in its order.
-async fn serve_lists(handle: &mut Handle, lists: [Value; 4]) {
-    let paths = [
-        "/api/v1/nodes",
-        "/api/v1/pods",
-        "/apis/veil.dev/v1alpha1/veilnodes",
-        CONFIGS,
-    ];
-    for (path, body) in paths.into_iter().zip(lists) {
+/// Every list `load_state` makes, in its order (`Kind::ALL`).
+const LIST_PATHS: [&str; 10] = [
+    "/api/v1/nodes",
+    "/api/v1/pods",
+    "/api/v1/namespaces",
+    "/apis/veil.dev/v1alpha1/veilnodes",
+    CONFIGS,
+    "/apis/veil.dev/v1alpha1/veilidentities",
+    "/apis/networking.k8s.io/v1/networkpolicies",
+    "/apis/veil.dev/v1alpha1/veilpolicies",
+    CERTS,
+    ROTATIONS,
+];
+const CERTS: &str = "/apis/veil.dev/v1alpha1/veilnodecertificates";
+const ROTATIONS: &str = "/apis/veil.dev/v1alpha1/veilkeyrotations";
+
+/// Serves the lists `load_state` makes, in its order: `lists` for the paths
+/// given, an empty list for the others.
+async fn serve_lists(handle: &mut Handle, lists: &[(&str, Value)]) {
+    for path in LIST_PATHS {
         let call = next(handle).await;
         assert_eq!((&call.method, call.path.as_str()), (&Method::GET, path));
         assert_eq!(call.query("watch"), None, "a one-shot list, not a watch");
+        let body = lists
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_else(|| list("v1", "List", vec![]));
         call.respond(StatusCode::OK, &body);
     }
+}
+
+/// The next request must be a forced server-side apply by veilctl of
+/// `path`; returns its body after answering with it.
+async fn expect_apply(handle: &mut Handle, path: &str) -> Value {
+    let apply = next(handle).await;
+    assert_eq!(
+        (&apply.method, apply.path.as_str()),
+        (&Method::PATCH, path),
+        "expected a server-side apply"
+    );
+    assert_eq!(apply.query("fieldManager"), Some(CTL_FIELD_MANAGER));
+    assert_eq!(apply.query("force"), Some("true"));
+    assert_eq!(
+        apply.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    let body = apply.body.clone().expect("apply body");
+    apply.respond(StatusCode::OK, &body);
+    body
+}
+
+/// A VeilNode waiting for approval: identity key only.
+fn pending_node(i: u8, identity: &[u8; 32]) -> Value {
+    let mut v = veil_node(i, false);
+    v["spec"]["identityKey"] = json!(keymgr::encode_key(identity));
+    v
+}
+
+#[tokio::test]
+async fn approve_applies_a_certificate_for_the_pending_identity() {
+    use crate::cluster::store::Store;
+    let (client, mut handle) = mock();
+    let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+    let identity = keymgr::IdentityKey::from_seed([2; 32]).public_key();
+    let store = Store::Kube(client);
+    let server = async {
+        serve_lists(
+            &mut handle,
+            &[
+                ("/api/v1/nodes", list("v1", "Node", vec![node(1)])),
+                (
+                    "/apis/veil.dev/v1alpha1/veilnodes",
+                    list(
+                        "veil.dev/v1alpha1",
+                        "VeilNode",
+                        vec![pending_node(1, &identity)],
+                    ),
+                ),
+            ],
+        )
+        .await;
+        expect_apply(&mut handle, &format!("{CERTS}/n1")).await
+    };
+    let (result, body) = tokio::join!(
+        store.approve_node(&authority, "n1", Duration::from_secs(86_400)),
+        server
+    );
+    let approved = result.expect("approve");
+    assert_eq!(approved.written_to, "VeilNodeCertificate/n1");
+    assert_eq!(body["apiVersion"], json!("veil.dev/v1alpha1"));
+    assert_eq!(body["kind"], json!("VeilNodeCertificate"));
+    assert_eq!(body["metadata"], json!({"name": "n1"}));
+    assert_eq!(
+        body["spec"]["identityKey"],
+        json!(keymgr::encode_key(&identity))
+    );
+    // What the API server stores is what an agent reads back and verifies.
+    let stored: DynamicObject = serde_json::from_value(body).expect("object");
+    let Object::Certificate(cert) =
+        crate::cluster::kube::convert_certificate(&stored).expect("the applied object converts")
+    else {
+        panic!("not a certificate");
+    };
+    assert_eq!(*cert, approved.certificate);
+    cert.verify(&authority.public_key(), keymgr::unix_now(), 0)
+        .expect("verifies under the authority");
+    assert_eq!(cert.identity_key, identity);
+}
+
+#[tokio::test]
+async fn approve_without_a_node_object_writes_nothing() {
+    use crate::cluster::store::Store;
+    let (client, mut handle) = mock();
+    let authority = keymgr::AuthorityKey::from_seed([1; 32]);
+    let identity = keymgr::IdentityKey::from_seed([2; 32]).public_key();
+    let store = Store::Kube(client);
+    let lists = [(
+        "/apis/veil.dev/v1alpha1/veilnodes",
+        list(
+            "veil.dev/v1alpha1",
+            "VeilNode",
+            vec![pending_node(1, &identity)],
+        ),
+    )];
+    let server = serve_lists(&mut handle, &lists);
+    let (result, ()) = tokio::join!(
+        store.approve_node(&authority, "n1", Duration::from_secs(60)),
+        server
+    );
+    let err = result.expect_err("no Node n1").to_string();
+    assert!(err.contains("no Node object named n1"), "{err}");
+    drop(store);
+    // The client is gone and asked for nothing more: no apply was sent.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request())
+            .await
+            .map_or(true, |r| r.is_none()),
+        "a request after the refusal"
+    );
+}
+
+#[tokio::test]
+async fn rotate_applies_one_generation_above_announced_and_requested() {
+    use crate::cluster::store::Store;
+    let (client, mut handle) = mock();
+    let store = Store::Kube(client);
+    let mut n1 = veil_node(1, true);
+    n1["spec"]["generation"] = json!(3);
+    let server = async {
+        serve_lists(
+            &mut handle,
+            &[
+                ("/api/v1/nodes", list("v1", "Node", vec![node(1), node(2)])),
+                (
+                    "/apis/veil.dev/v1alpha1/veilnodes",
+                    list(
+                        "veil.dev/v1alpha1",
+                        "VeilNode",
+                        vec![n1.clone(), veil_node(2, true)],
+                    ),
+                ),
+                (
+                    ROTATIONS,
+                    list(
+                        "veil.dev/v1alpha1",
+                        "VeilKeyRotation",
+                        vec![json!({
+                            "apiVersion": "veil.dev/v1alpha1", "kind": "VeilKeyRotation",
+                            "metadata": {"name": "n2", "resourceVersion": "4"},
+                            "spec": {"generation": 7},
+                        })],
+                    ),
+                ),
+            ],
+        )
+        .await;
+        let one = expect_apply(&mut handle, &format!("{ROTATIONS}/n1")).await;
+        let two = expect_apply(&mut handle, &format!("{ROTATIONS}/n2")).await;
+        (one, two)
+    };
+    let (result, (one, two)) = tokio::join!(store.request_rotations(None), server);
+    let done = result.expect("rotate --all");
+    // n1 announces 3, nothing requested: 4. n2 announces 0, 7 requested: 8.
+    let got: Vec<_> = done
+        .iter()
+        .map(|r| (r.node.as_str(), r.current, r.want, r.written_to.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("n1", 3, 4, "VeilKeyRotation/n1"),
+            ("n2", 0, 8, "VeilKeyRotation/n2")
+        ]
+    );
+    assert_eq!(
+        one,
+        json!({"apiVersion": "veil.dev/v1alpha1", "kind": "VeilKeyRotation",
+               "metadata": {"name": "n1"}, "spec": {"generation": 4}})
+    );
+    assert_eq!(two["spec"], json!({"generation": 8}));
+}
+
+#[tokio::test]
+async fn rejected_rotation_names_the_object() {
+    let (client, mut handle) = mock();
+    let server = async {
+        next(&mut handle).await.fail(403, "Forbidden");
+    };
+    let (result, ()) = tokio::join!(apply_rotation(&client, "n1", 2), server);
+    let text = result.expect_err("403 must fail").to_string();
+    assert!(
+        text.contains("VeilKeyRotation/n1") && text.contains("Forbidden"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -252,11 +453,13 @@ async fn rejected_enable_names_the_object() {
 #[tokio::test]
 async fn status_counts_ready_nodes_from_lists() {
     let (client, mut handle) = mock();
-    let server = serve_lists(
-        &mut handle,
-        [
+    let lists = [
+        (
+            "/api/v1/nodes",
             list("v1", "Node", vec![node(1), node(2), node(3)]),
-            list("v1", "Pod", vec![]),
+        ),
+        (
+            "/apis/veil.dev/v1alpha1/veilnodes",
             list(
                 "veil.dev/v1alpha1",
                 "VeilNode",
@@ -269,6 +472,9 @@ async fn status_counts_ready_nodes_from_lists() {
                            "metadata": {"name": "bad"}, "spec": {"publicKey": "c2hvcnQ="}}),
                 ],
             ),
+        ),
+        (
+            CONFIGS,
             list(
                 "veil.dev/v1alpha1",
                 "VeilClusterConfig",
@@ -276,8 +482,9 @@ async fn status_counts_ready_nodes_from_lists() {
                     json!({"encryption": {"enabled": true, "strict": false}}),
                 )],
             ),
-        ],
-    );
+        ),
+    ];
+    let server = serve_lists(&mut handle, &lists);
     let (result, ()) = tokio::join!(load_state(&client), server);
     let (state, diags) = result.expect("status");
     assert!(state.config.encryption_enabled && !state.config.strict);
