@@ -409,7 +409,7 @@ mod tests {
             let keys: Vec<Option<u8>> = (0..n)
                 .map(|_| {
                     let r = rng.next();
-                    (r % 10 != 0).then_some(((r >> 8) % peers) as u8)
+                    (!r.is_multiple_of(10)).then_some(((r >> 8) % peers) as u8)
                 })
                 .collect();
             group_stable(&keys, &mut order);
