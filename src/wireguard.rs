@@ -86,6 +86,7 @@
 //! half of the story is MSS clamping in eBPF, which keeps TCP from relying on
 //! fragmentation at all.
 
+pub mod batch;
 pub mod lpm;
 pub mod offload;
 pub mod packet;
@@ -132,16 +133,23 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// Segments one TUN read can yield: a 64 KiB TSO super-packet at the smallest
 /// usual MSS (536) is 123 segments.
 const TUN_SEGMENTS: usize = tun_rs::IDEAL_BATCH_SIZE;
-/// One segment of a super-packet: headers plus at most one MSS. 9 KiB leaves
-/// room for jumbo-frame pods; a larger segment fails the split and is dropped.
-const SEGMENT_BUF: usize = 9 * 1024;
-/// Encrypted segments of one TUN read, back to back (a 64 KiB payload split
-/// in 123 segments re-sends ~123 x 72 bytes of headers and WireGuard overhead).
-const OUT_BUF: usize = 2 * MAX_PACKET;
+/// TUN reads drained per wakeup before the batch is encrypted and sent: 64
+/// small packets (e.g. a burst of 64-byte UDP) leave in one GSO send instead
+/// of 64 sends, while the wait a packet can add stays one batch's work.
+const TX_READS: usize = 64;
+/// Packet slots of the tun->udp thread: room for [`TX_READS`] single packets
+/// and then one more full super-packet split. Reading stops while fewer than
+/// [`TUN_SEGMENTS`] slots are free, so a split never runs out of room.
+const TX_SLOTS: usize = TX_READS + TUN_SEGMENTS;
+/// One slot: any packet a read can return (a non-GSO packet can exceed the
+/// MTU, see above). The slots are one allocation whose pages are touched only
+/// as deep as packets are written, so resident memory follows packet sizes.
+const TX_SLOT: usize = MAX_PACKET;
+/// Encrypted datagrams of one wakeup, back to back, flushed early when full
+/// (two 64 KiB super-packets and their headers and WireGuard overhead).
+const OUT_BUF: usize = 4 * MAX_PACKET;
 /// Decrypted packets collected before one TUN write batch (GRO coalesces them).
 const RX_BATCH: usize = 64;
-/// Receives (each up to 64 KiB with UDP GRO) per batch, bounding the added latency.
-const RX_RECVS: usize = 8;
 /// Room `decapsulate` needs for handshake replies and cookies (a 148-byte
 /// initiation is answered with 92 bytes).
 const MIN_OUT: usize = 256;
@@ -1349,132 +1357,177 @@ impl Shared {
         }
     }
 
-    /// Sends encrypted datagrams laid out back to back in `data` (sizes in
-    /// `lens`) to one endpoint, as few `UDP_SEGMENT` sends as the kernel's
-    /// limits allow (see [`offload::gso_runs`]).
-    fn send_batch(&self, data: &[u8], lens: &[usize], to: SocketAddr) {
-        let singles = |mut off: usize, lens: &[usize]| {
-            for &l in lens {
-                self.send(&data[off..off + l], to);
-                off += l;
-            }
-        };
-        if lens.len() < 2 || !self.udp_gso.load(Ordering::Relaxed) {
-            return singles(0, lens);
+    /// Sends the encrypted datagrams queued in `tx` ([`batch::plan`]: GSO
+    /// runs per endpoint, several messages per `sendmmsg`) and empties it.
+    fn flush_tx(&self, tx: &mut batch::TxQueue) {
+        if tx.is_empty() {
+            tx.clear();
+            return;
         }
-        let wire = self.wire_addr(to);
+        let gso = self.udp_gso.load(Ordering::Relaxed);
+        batch::plan(&tx.tos, &tx.lens, gso, &mut tx.msgs);
         let fd = self.sock.as_raw_fd();
-        let mut off = 0;
-        offload::gso_runs(lens, |first, count, seg| {
-            let run = &lens[first..first + count];
-            let bytes: usize = run.iter().sum();
-            let seg16 = u16::try_from(seg).ok();
-            if count == 1 || seg16.is_none() || !self.udp_gso.load(Ordering::Relaxed) {
-                singles(off, run);
-            } else {
-                match offload::send(fd, &data[off..off + bytes], seg16, wire) {
-                    Ok(_) => {
-                        self.counters
-                            .udp_tx_datagrams
-                            .fetch_add(count as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // EIO: the route's device cannot checksum UDP (udp_send_skb);
-                        // ENOPROTOOPT/EOPNOTSUPP: a kernel without UDP GSO. Both are
-                        // for good. EINVAL and others (e.g. a segment larger than
-                        // the path MTU) concern only this run.
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
-                        ) && self.udp_gso.swap(false, Ordering::Relaxed)
-                        {
-                            tracing::warn!(tun = %self.tun_name, error = %e,
-                                "UDP GSO (UDP_SEGMENT) refused; sending one datagram per call");
-                        } else {
-                            tracing::debug!(tun = %self.tun_name, %to, error = %e,
-                                "UDP GSO send failed; sending this run one by one");
-                        }
-                        singles(off, run);
-                    }
+        let mut i = 0;
+        while i < tx.msgs.len() {
+            let end = tx.msgs.len().min(i + batch::MAX_MSGS);
+            let data = &tx.out[..tx.used];
+            match tx
+                .mmsg
+                .send(fd, data, &tx.msgs[i..end], |a| self.wire_addr(a))
+            {
+                Ok(k) if k > 0 => {
+                    let sent: usize = tx.msgs[i..i + k].iter().map(|m| m.count).sum();
+                    self.counters
+                        .udp_tx_datagrams
+                        .fetch_add(sent as u64, Ordering::Relaxed);
+                    i += k;
+                }
+                Ok(_) => {
+                    bump(&self.counters.send_errors);
+                    i += 1;
+                }
+                Err(e) => {
+                    self.send_failed(&tx.msgs[i], data, e);
+                    i += 1;
                 }
             }
-            off += bytes;
-        });
+        }
+        tx.clear();
+    }
+
+    /// A message `sendmmsg` refused. A GSO message is retried one datagram
+    /// at a time; a refusal that is for good (`EIO`: the route's device cannot
+    /// checksum UDP, udp_send_skb; `ENOPROTOOPT`/`EOPNOTSUPP`: a kernel without
+    /// UDP GSO) turns GSO off. `EINVAL` and others (e.g. a segment larger than
+    /// the path MTU) concern only this message.
+    fn send_failed(&self, m: &batch::Msg<SocketAddr>, data: &[u8], e: io::Error) {
+        let Some(seg) = m.seg.filter(|_| m.count > 1) else {
+            bump(&self.counters.send_errors);
+            tracing::debug!(tun = %self.tun_name, to = %m.to, error = %e, "UDP send failed");
+            return;
+        };
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
+        ) && self.udp_gso.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!(tun = %self.tun_name, error = %e,
+                "UDP GSO (UDP_SEGMENT) refused; sending one datagram per call");
+        } else {
+            tracing::debug!(tun = %self.tun_name, to = %m.to, error = %e,
+                "UDP GSO send failed; sending this run one by one");
+        }
+        for d in data[m.off..m.off + m.len].chunks(usize::from(seg).max(1)) {
+            self.send(d, m.to);
+        }
     }
 
     fn tun_loop(&self) {
         // One read is one packet or one TSO super-packet (virtio header first);
-        // tun-rs splits the latter into segments (see `offload`). The first
-        // segment buffer holds a whole non-GSO packet, which can exceed the MTU
-        // because `bpf_redirect` into a TUN skips the MTU check.
+        // tun-rs splits the latter into segments (see `offload`), each into a
+        // slot. A wakeup drains the device into the slots (see [`TX_READS`]),
+        // then encrypts and sends all of it at once (see `batch`).
         let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
-        let mut segs: Vec<Vec<u8>> = (0..TUN_SEGMENTS)
-            .map(|i| vec![0u8; if i == 0 { MAX_PACKET } else { SEGMENT_BUF }])
-            .collect();
-        let mut sizes = vec![0usize; TUN_SEGMENTS];
-        let mut out = vec![0u8; OUT_BUF];
-        let mut lens = Vec::with_capacity(TUN_SEGMENTS);
+        let mut pool = vec![0u8; TX_SLOTS * TX_SLOT];
+        let mut segs: Vec<&mut [u8]> = pool.chunks_mut(TX_SLOT).collect();
+        let mut sizes = vec![0usize; TX_SLOTS];
+        let mut tx = batch::TxQueue::new(OUT_BUF, TX_SLOTS);
         let fd = self.tun.as_raw_fd();
+        // Whether the last drain stopped at its bound with packets still queued.
+        let mut more = false;
         while !self.stop.load(Ordering::Relaxed) {
-            match wait_readable(fd, POLL_INTERVAL) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::error!(tun = %self.tun_name, error = %e, "poll on TUN failed");
-                    std::thread::sleep(POLL_INTERVAL);
-                    continue;
+            if !more {
+                match wait_readable(fd, POLL_INTERVAL) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(tun = %self.tun_name, error = %e, "poll on TUN failed");
+                        std::thread::sleep(POLL_INTERVAL);
+                        continue;
+                    }
                 }
             }
-            // Drain everything that is ready before polling again.
-            loop {
-                match self
-                    .tun
-                    .recv_multiple(&mut raw[..], &mut segs[..], &mut sizes[..], 0)
-                {
-                    Ok(n) => {
-                        self.counters
-                            .tun_rx_packets
-                            .fetch_add(n as u64, Ordering::Relaxed);
-                        self.outbound(&segs, &sizes[..n], &mut out, &mut lens);
-                    }
+            let (mut filled, mut reads) = (0, 0);
+            // Stopped at the bound (not at EAGAIN or an error): read again
+            // after sending, without polling first.
+            more = true;
+            while reads < TX_READS && filled + TUN_SEGMENTS <= TX_SLOTS {
+                reads += 1;
+                match self.tun.recv_multiple(
+                    &mut raw[..],
+                    &mut segs[filled..],
+                    &mut sizes[filled..],
+                    0,
+                ) {
+                    Ok(n) => filled += n,
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
                             || e.kind() == io::ErrorKind::Interrupted =>
                     {
-                        break
+                        more = false;
+                        break;
                     }
                     Err(e) => {
                         // A super-packet tun-rs cannot split (bad header, too
-                        // many segments): drop it, keep reading.
+                        // many segments): drop it; the next wakeup reads on.
                         bump(&self.counters.dropped_invalid);
                         tracing::debug!(tun = %self.tun_name, error = %e, "TUN read failed");
+                        more = false;
+                        break;
                     }
                 }
+            }
+            if filled > 0 {
+                self.counters
+                    .tun_rx_packets
+                    .fetch_add(filled as u64, Ordering::Relaxed);
+                self.outbound(&segs[..filled], &sizes[..filled], &mut tx);
             }
         }
     }
 
-    /// Plaintext packets from the TUN device (the segments of one read) towards
-    /// their peers. Consecutive packets for the same peer are encrypted under
-    /// one lock into `out`, back to back, and leave in one GSO send.
-    fn outbound(&self, segs: &[Vec<u8>], sizes: &[usize], out: &mut [u8], lens: &mut Vec<usize>) {
+    /// Plaintext packets from the TUN device (one wakeup's reads) towards their
+    /// peers. Packets are grouped by peer, stably ([`batch::group_stable`]):
+    /// each peer's packets are encrypted under one lock in the order they were
+    /// read, queued back to back, and all of it leaves in as few `sendmmsg`
+    /// calls and GSO runs as possible ([`Shared::flush_tx`]).
+    fn outbound(&self, segs: &[&mut [u8]], sizes: &[usize], tx: &mut batch::TxQueue) {
         let c = &self.counters;
         let set = self.peers.read().clone();
-        let mut i = 0;
-        while i < sizes.len() {
-            let Some(dst) = packet::dst_addr(&segs[i][..sizes[i]]) else {
-                bump(&c.dropped_invalid);
-                i += 1;
-                continue;
+        tx.keys.clear();
+        // The segments of one super-packet share the destination: one lookup.
+        let mut last: Option<(IpAddr, Option<u32>)> = None;
+        for (seg, &size) in segs.iter().zip(sizes) {
+            let key = match packet::dst_addr(&seg[..size]) {
+                None => {
+                    bump(&c.dropped_invalid);
+                    None
+                }
+                Some(dst) => {
+                    let id = match last {
+                        Some((d, id)) if d == dst => id,
+                        _ => set.route(dst).map(|p| p.id),
+                    };
+                    last = Some((dst, id));
+                    if id.is_none() {
+                        bump(&c.dropped_no_peer);
+                    }
+                    id
+                }
             };
-            // The segments of one super-packet share the destination.
+            tx.keys.push(key);
+        }
+        batch::group_stable(&tx.keys, &mut tx.order);
+        let mut i = 0;
+        while i < tx.order.len() {
+            let id = tx.keys[tx.order[i]];
             let mut j = i + 1;
-            while j < sizes.len() && packet::dst_addr(&segs[j][..sizes[j]]) == Some(dst) {
+            while j < tx.order.len() && tx.keys[tx.order[j]] == id {
                 j += 1;
             }
             let run = i..j;
             i = j;
-            let Some(peer) = set.route(dst) else {
+            let Some(peer) = id.and_then(|id| set.by_id.get(&id)) else {
                 c.dropped_no_peer
                     .fetch_add(run.len() as u64, Ordering::Relaxed);
                 continue;
@@ -1487,25 +1540,23 @@ impl Shared {
                 continue;
             };
             let pos = st.send_slot();
-            lens.clear();
-            let mut used = 0;
-            for k in run {
+            for r in run {
+                let k = tx.order[r];
                 let pkt = &segs[k][..sizes[k]];
-                if out.len() - used < pkt.len() + WG_OVERHEAD {
-                    self.send_batch(&out[..used], lens, ep);
-                    lens.clear();
-                    used = 0;
+                if tx.room() < pkt.len() + WG_OVERHEAD {
+                    self.flush_tx(tx);
                 }
                 // Without a session boringtun queues the packet and returns a
                 // handshake initiation (or Done if one is already in flight).
-                match st.slot_mut(pos).tunn.encapsulate(pkt, &mut out[used..]) {
+                match st.slot_mut(pos).tunn.encapsulate(pkt, tx.tail()) {
                     TunnResult::WriteToNetwork(p) if p.first() == Some(&4) => {
-                        lens.push(p.len());
-                        used += p.len();
+                        let len = p.len();
+                        tx.commit(ep, len);
                     }
                     // A retiring slot whose session just lapsed: no handshake
                     // with a key that is going away (see module docs).
                     TunnResult::WriteToNetwork(p) if pos > 0 && rotation::is_initiation(p) => {}
+                    // A protocol message goes out at once, not behind the batch.
                     TunnResult::WriteToNetwork(p) => self.send(p, ep),
                     TunnResult::Done => {}
                     TunnResult::Err(e) => {
@@ -1515,9 +1566,8 @@ impl Shared {
                     TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
                 }
             }
-            drop(st);
-            self.send_batch(&out[..used], lens, ep);
         }
+        self.flush_tx(tx);
     }
 
     /// Sends a handshake initiation from the current slot of each of `peers`
@@ -1539,45 +1589,45 @@ impl Shared {
 
     fn udp_loop(&self) {
         let fd = self.sock.as_raw_fd();
-        // With UDP_GRO one receive returns a run of datagrams from one sender.
-        let mut rx = vec![0u8; MAX_PACKET];
+        // One recvmmsg takes up to RX_MSGS messages (only the first waits, up
+        // to SO_RCVTIMEO); with UDP_GRO each is a run of datagrams from one sender.
+        let mut rx = batch::RecvMmsg::new();
         let mut batch = TunBatch::new();
         while !self.stop.load(Ordering::Relaxed) {
-            // The first receive waits (SO_RCVTIMEO); the rest only take what is
-            // already queued, so a batch never waits for more traffic.
-            let mut flags = 0;
-            for _ in 0..RX_RECVS {
-                match offload::recv(fd, &mut rx, flags) {
-                    Ok((n, from, seg)) => {
-                        let from = normalize(from);
-                        for d in offload::datagrams(&rx[..n], seg) {
-                            bump(&self.counters.udp_rx_datagrams);
-                            if batch.is_full() {
-                                self.flush_tun(&mut batch);
-                            }
-                            let out = batch.next(d.len());
-                            if let Some(len) = self.inbound(d, from, out) {
-                                batch.commit(len);
-                            }
-                        }
+            let n = match rx.recv(fd) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // E.g. ECONNREFUSED from an ICMP error on an earlier send: not fatal.
+                    tracing::debug!(tun = %self.tun_name, error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            for m in 0..n {
+                let Some((data, from, seg)) = rx.message(m) else {
+                    bump(&self.counters.dropped_invalid);
+                    continue;
+                };
+                let from = normalize(from);
+                for d in offload::datagrams(data, seg) {
+                    bump(&self.counters.udp_rx_datagrams);
+                    if batch.is_full() {
+                        self.flush_tun(&mut batch);
                     }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        break
-                    }
-                    Err(e) => {
-                        // E.g. ECONNREFUSED from an ICMP error on an earlier send: not fatal.
-                        tracing::debug!(tun = %self.tun_name, error = %e, "UDP receive error");
-                        break;
+                    let out = batch.next(d.len());
+                    if let Some(len) = self.inbound(d, from, out) {
+                        batch.commit(len);
                     }
                 }
-                flags = libc::MSG_DONTWAIT;
             }
             self.flush_tun(&mut batch);
         }

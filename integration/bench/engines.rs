@@ -34,6 +34,9 @@ pub const TUNNEL_MTU: &str = "1420";
 pub enum Kind {
     Plain,
     Veil,
+    /// Veil with another agent binary ([`agent_b_bin`]): an A/B comparison of
+    /// two builds in one interleaved run.
+    VeilB,
     WireguardGo,
     Gotatun,
 }
@@ -43,10 +46,34 @@ impl Kind {
         match self {
             Kind::Plain => "plain",
             Kind::Veil => "Veil",
+            Kind::VeilB => "Veil-B",
             Kind::WireguardGo => "wireguard-go",
             Kind::Gotatun => "gotatun",
         }
     }
+
+    /// Parses a `--configs` entry (the labels, case-insensitive).
+    pub fn parse(s: &str) -> Option<Kind> {
+        [
+            Kind::Plain,
+            Kind::Veil,
+            Kind::VeilB,
+            Kind::WireguardGo,
+            Kind::Gotatun,
+        ]
+        .into_iter()
+        .find(|k| k.label().eq_ignore_ascii_case(s))
+    }
+
+    fn is_veil(self) -> bool {
+        matches!(self, Kind::Veil | Kind::VeilB)
+    }
+}
+
+/// The agent binary of the [`Kind::VeilB`] configuration: `VEIL_AGENT_BIN_B`
+/// (e.g. the previous commit's release build, copied aside).
+pub fn agent_b_bin() -> Option<String> {
+    std::env::var("VEIL_AGENT_BIN_B").ok()
 }
 
 /// Where the `gotatun` binary is, if installed (`cargo install gotatun-cli`
@@ -229,7 +256,12 @@ impl Setup {
         match kind {
             // host-gw routes are what Topology builds: nothing to add.
             Kind::Plain => {}
-            Kind::Veil => s.start_veil(),
+            Kind::Veil => s.start_veil(None),
+            Kind::VeilB => {
+                let bin = agent_b_bin()
+                    .unwrap_or_else(|| panic!("Veil-B needs VEIL_AGENT_BIN_B (an agent binary)"));
+                s.start_veil(Some(&bin))
+            }
             Kind::WireguardGo => s.start_userspace(Path::new("wireguard-go")),
             Kind::Gotatun => s.start_userspace(
                 gotatun.unwrap_or_else(|| panic!("gotatun requested but not installed")),
@@ -244,12 +276,16 @@ impl Setup {
         s
     }
 
-    fn start_veil(&mut self) {
+    fn start_veil(&mut self, bin: Option<&str>) {
         let dir = ClusterDir::for_topology(&self.topo, true, true);
         create_authority(&self.work.path().join(crate::harness::agent::CA_DIR));
         for i in [1, 2] {
-            self.agents
-                .push(Agent::start(self.topo.node(i), &dir, self.work.path()));
+            self.agents.push(Agent::start_bin(
+                self.topo.node(i),
+                &dir,
+                self.work.path(),
+                bin,
+            ));
         }
         for a in &mut self.agents {
             a.wait_ready(&dir, Duration::from_secs(30))
@@ -336,7 +372,7 @@ impl Setup {
     pub fn engine_pids(&self) -> Vec<u32> {
         match self.kind {
             Kind::Plain => Vec::new(),
-            Kind::Veil => self.agents.iter().filter_map(Agent::pid).collect(),
+            k if k.is_veil() => self.agents.iter().filter_map(Agent::pid).collect(),
             _ => self.userspace.iter().map(|u| u.proc.pid()).collect(),
         }
     }
@@ -347,7 +383,7 @@ impl Setup {
     pub fn tunnel_rx_bytes(&self) -> Option<u64> {
         let dump = match self.kind {
             Kind::Plain => return None,
-            Kind::Veil => self.agents[1].wg_dump(),
+            k if k.is_veil() => self.agents[1].wg_dump(),
             _ => {
                 let u = &self.userspace[1];
                 wg_dump(&u.ns_name, &u.iface)

@@ -7,7 +7,12 @@
 //! bash integration/bench/run.sh            # release build, full run, writes RESULTS.md
 //! cargo test --test bench                  # smoke: every configuration, ~1 s per figure
 //! cargo test --release --test bench -- --full [--out FILE] [--note TEXT] [--no-memory | --memory-only]
+//!     [--only tcp1,tcp4,udp64,udp1400,rr] [--configs plain,Veil,Veil-B,wireguard-go,gotatun]
+//!     [--rounds N]
 //! ```
+//!
+//! `VEIL_AGENT_BIN_B=PATH` adds a `Veil-B` configuration running that agent
+//! binary: an A/B comparison of two builds, interleaved in one run.
 //!
 //! Targets are printed, not asserted; but a configuration that does not work at
 //! all (an error, zero throughput, a tunnel the traffic bypassed) fails the run.
@@ -82,6 +87,31 @@ struct Plan {
     memory_only: bool,
     out: Option<PathBuf>,
     note: Option<String>,
+    /// `--only`: the figures to measure (default: all).
+    figures: Vec<Figure>,
+    /// `--configs`: the configurations to compare (default: plain, Veil,
+    /// wireguard-go, gotatun when installed, Veil-B when VEIL_AGENT_BIN_B is set).
+    configs: Option<Vec<Kind>>,
+}
+
+const ALL_FIGURES: [Figure; 5] = [
+    Figure::Tcp(1),
+    Figure::Tcp(4),
+    Figure::Udp(64),
+    Figure::Udp(1400),
+    Figure::Rr,
+];
+
+/// Parses a `--only` entry: `tcp1`, `tcp4`, `udp64`, `udp1400`, `rr`.
+fn parse_figure(s: &str) -> Option<Figure> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp1" => Some(Figure::Tcp(1)),
+        "tcp4" => Some(Figure::Tcp(4)),
+        "udp64" => Some(Figure::Udp(64)),
+        "udp1400" => Some(Figure::Udp(1400)),
+        "rr" => Some(Figure::Rr),
+        _ => None,
+    }
 }
 
 impl Plan {
@@ -109,6 +139,8 @@ impl Plan {
                     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("integration/bench/RESULTS.md"),
                 ),
                 note: None,
+                figures: ALL_FIGURES.to_vec(),
+                configs: None,
             }
         } else {
             // Smoke: every code path, cheaply; writes no RESULTS.md.
@@ -121,6 +153,8 @@ impl Plan {
                 memory_only: false,
                 out: None,
                 note: None,
+                figures: ALL_FIGURES.to_vec(),
+                configs: None,
             }
         };
         if let Some(o) = value("--out")? {
@@ -129,6 +163,37 @@ impl Plan {
         plan.note = value("--note")?;
         if args.iter().any(|a| a == "--no-memory") {
             plan.memory = None;
+        }
+        if let Some(n) = value("--rounds")? {
+            plan.rounds = n
+                .parse()
+                .ok()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| format!("--rounds: {n:?} is not a positive number"))?;
+        }
+        if let Some(list) = value("--only")? {
+            plan.figures = list
+                .split(',')
+                .map(|f| {
+                    parse_figure(f).ok_or_else(|| {
+                        format!("--only: unknown figure {f:?} (tcp1, tcp4, udp64, udp1400, rr)")
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(list) = value("--configs")? {
+            plan.configs = Some(
+                list.split(',')
+                    .map(|k| {
+                        Kind::parse(k).ok_or_else(|| {
+                            format!(
+                                "--configs: unknown configuration {k:?} \
+                                 (plain, Veil, Veil-B, wireguard-go, gotatun)"
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            );
         }
         plan.memory_only = args.iter().any(|a| a == "--memory-only");
         if plan.memory_only && plan.memory.is_none() {
@@ -247,6 +312,15 @@ fn run_bench(plan: &Plan) {
     if gotatun.is_some() {
         kinds.push(Kind::Gotatun);
     }
+    if engines::agent_b_bin().is_some() {
+        kinds.push(Kind::VeilB);
+    }
+    if let Some(c) = &plan.configs {
+        kinds = c.clone();
+        if kinds.contains(&Kind::Gotatun) && gotatun.is_none() {
+            panic!("--configs asks for gotatun, which is not installed");
+        }
+    }
     if plan.memory_only {
         kinds.clear();
     }
@@ -262,13 +336,7 @@ fn run_bench(plan: &Plan) {
         );
     }
 
-    let figures = [
-        Figure::Tcp(1),
-        Figure::Tcp(4),
-        Figure::Udp(64),
-        Figure::Udp(1400),
-        Figure::Rr,
-    ];
+    let figures = plan.figures.clone();
     let mut results: Vec<ConfigResults> = kinds.iter().map(|_| ConfigResults::default()).collect();
     let rounds = if kinds.is_empty() { 0 } else { plan.rounds };
     for round in 1..=rounds {
@@ -347,7 +415,8 @@ fn selected(args: &[String]) -> bool {
             "--ignored" => return false,
             "--skip" => skips.extend(it.next().map(String::as_str)),
             // Options whose value is a separate argument (libtest's and ours).
-            "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" | "--out" | "--note" => {
+            "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" | "--out" | "--note"
+            | "--only" | "--configs" | "--rounds" => {
                 it.next();
             }
             _ if a.starts_with("--skip=") => skips.push(&a["--skip=".len()..]),

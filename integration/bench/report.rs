@@ -185,6 +185,7 @@ pub fn render(
         (Kind::WireguardGo, "Veil/wireguard-go"),
         (Kind::Plain, "Veil/plain"),
         (Kind::Gotatun, "Veil/gotatun"),
+        (Kind::VeilB, "Veil/Veil-B"),
     ] {
         if let Some(i) = idx(k) {
             ratio_cols.push((name.into(), i));

@@ -40,11 +40,19 @@ pub struct Agent {
     ca: PathBuf,
     /// Extra environment for the next (re)start, e.g. hidden test-only flags.
     env: Vec<(String, String)>,
+    /// The binary to run instead of [`agent_bin`] (the benchmark's A/B runs).
+    bin: Option<String>,
 }
 
 impl Agent {
     /// Starts the agent for `node`; its key dir and log live under `work`.
     pub fn start(node: &Node, cluster: &ClusterDir, work: &Path) -> Self {
+        Agent::start_bin(node, cluster, work, None)
+    }
+
+    /// [`Agent::start`] with another `veil-agent` binary than [`agent_bin`]
+    /// (e.g. an older build the benchmark compares against in the same run).
+    pub fn start_bin(node: &Node, cluster: &ClusterDir, work: &Path, bin: Option<&str>) -> Self {
         let key_dir = work.join(format!("keys-{}", node.name));
         std::fs::create_dir_all(&key_dir)
             .unwrap_or_else(|e| panic!("create {}: {e}", key_dir.display()));
@@ -59,6 +67,7 @@ impl Agent {
             proc: None,
             ca: work.join(CA_DIR),
             env: Vec::new(),
+            bin: bin.map(str::to_string),
         };
         a.spawn();
         a
@@ -83,8 +92,9 @@ impl Agent {
             "agent {} is already running",
             self.node
         );
+        let bin = self.bin.clone().unwrap_or_else(agent_bin);
         let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns_name, &agent_bin()])
+        cmd.args(["netns", "exec", &self.ns_name, &bin])
             .arg("--node")
             .arg(&self.node)
             .arg("--cluster-dir")

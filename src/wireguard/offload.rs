@@ -74,7 +74,61 @@ const CMSG_BUF: usize = 64;
 
 /// `cmsghdr`-aligned storage for control messages.
 #[repr(C, align(8))]
-struct CmsgBuf([u8; CMSG_BUF]);
+pub(super) struct CmsgBuf([u8; CMSG_BUF]);
+
+impl CmsgBuf {
+    pub(super) const LEN: usize = CMSG_BUF;
+
+    pub(super) fn new() -> CmsgBuf {
+        CmsgBuf([0; CMSG_BUF])
+    }
+
+    pub(super) fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        self.0.as_mut_ptr().cast()
+    }
+}
+
+/// Points `msg`'s control data at `cbuf`, holding one `UDP_SEGMENT` cmsg
+/// with segment size `seg`: the kernel splits the message's payload into
+/// datagrams of `seg` bytes (udp(7)).
+pub(super) fn set_segment_cmsg(msg: &mut libc::msghdr, cbuf: &mut CmsgBuf, seg: u16) {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    debug_assert!(space <= CMSG_BUF);
+    cbuf.0 = [0; CMSG_BUF];
+    msg.msg_control = cbuf.as_mut_ptr();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes of 8-aligned zeroed storage
+    // that the caller keeps alive until sendmsg returns, so CMSG_FIRSTHDR is
+    // non-null and the header plus a u16 of data fit (cmsg(3)).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+    }
+}
+
+/// The `UDP_GRO` segment size in the control data the kernel filled in
+/// `msg` after a receive (`None`: a single datagram).
+pub(super) fn gro_segment(msg: &libc::msghdr) -> Option<u16> {
+    let mut seg = None;
+    // SAFETY: walking the control buffer the kernel filled, with the cmsg(3)
+    // macros, which bound every step by msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                // The kernel writes the segment size as an int (udp_cmsg_recv).
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>());
+                seg = u16::try_from(v).ok().filter(|&s| s > 0);
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    seg
+}
 
 /// Sends `data` to `to` in one `sendmsg`; with `segment = Some(n)` the kernel
 /// splits it into datagrams of `n` bytes (the last may be shorter).
@@ -84,7 +138,7 @@ pub fn send(fd: RawFd, data: &[u8], segment: Option<u16>, to: SocketAddr) -> io:
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    let mut cbuf = CmsgBuf([0; CMSG_BUF]);
+    let mut cbuf = CmsgBuf::new();
     // SAFETY: a zeroed msghdr is a valid "no name, no iov, no control" value.
     let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
     msg.msg_name = addr.as_ptr() as *mut libc::c_void;
@@ -92,21 +146,7 @@ pub fn send(fd: RawFd, data: &[u8], segment: Option<u16>, to: SocketAddr) -> io:
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if let Some(seg) = segment {
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-        debug_assert!(space <= CMSG_BUF);
-        msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points at `space` bytes of 8-aligned zeroed
-        // storage that lives until sendmsg returns, so CMSG_FIRSTHDR is non-null
-        // and the header plus a u16 of data fit (cmsg(3)).
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = UDP_SEGMENT;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-        }
+        set_segment_cmsg(&mut msg, &mut cbuf, seg);
     }
     // SAFETY: every pointer in `msg` (name, iov, data, control) refers to
     // memory that outlives the call; the kernel only reads it.
@@ -127,14 +167,14 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<(usize, SocketA
     };
     // SAFETY: sockaddr_storage is plain data; all-zero is valid.
     let mut storage: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
-    let mut cbuf = CmsgBuf([0; CMSG_BUF]);
+    let mut cbuf = CmsgBuf::new();
     // SAFETY: as in `send`.
     let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
     msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
     msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.0.as_mut_ptr().cast();
+    msg.msg_control = cbuf.as_mut_ptr();
     msg.msg_controllen = CMSG_BUF as _;
     // SAFETY: all pointers in `msg` refer to live, writable buffers of the
     // stated sizes for the duration of the call.
@@ -147,21 +187,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<(usize, SocketA
     let from = addr
         .as_socket()
         .ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
-    let mut seg = None;
-    // SAFETY: walking the control buffer the kernel filled, with the cmsg(3)
-    // macros, which bound every step by msg_controllen.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
-                // The kernel writes the segment size as an int (udp_cmsg_recv).
-                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>());
-                seg = u16::try_from(v).ok().filter(|&s| s > 0);
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((n as usize, from, seg))
+    Ok((n as usize, from, gro_segment(&msg)))
 }
 
 /// The datagrams of a received buffer: `seg`-sized pieces (the last may be
