@@ -671,7 +671,13 @@ impl Node {
                 Err(e) => error!("deleting the previous WireGuard key after its grace period: {e}"),
             }
         }
-        let requested = requested.filter(|g| *g > self.generation);
+        let requested = match check_rotation_request(requested, self.generation) {
+            Ok(r) => r,
+            Err(problem) => {
+                self.rotation_note(format!("VeilKeyRotation/{}: {problem}", self.cfg.node));
+                None
+            }
+        };
         let reason = match (requested, self.rotation_interval) {
             (Some(g), _) => format!("requested generation {g}"),
             (None, None) => return,
@@ -915,6 +921,25 @@ pub fn rotation_due(
     now.duration_since(created).is_ok_and(|age| age >= interval)
 }
 
+/// How far above the current generation a rotation request may reach.
+/// `veilctl keys rotate` asks for one above the higher of the announced and
+/// the pending generation; a request far beyond that is a typo or a writer
+/// trying to make the node rotate on every pass until it gets there.
+pub const MAX_ROTATION_AHEAD: u64 = 8;
+
+/// The generation to rotate towards, if a request asks for one above
+/// `current`; a request more than [`MAX_ROTATION_AHEAD`] above is refused.
+pub fn check_rotation_request(requested: Option<u64>, current: u64) -> Result<Option<u64>, String> {
+    match requested {
+        Some(g) if g > current.saturating_add(MAX_ROTATION_AHEAD) => Err(format!(
+            "asks for generation {g}, more than {MAX_ROTATION_AHEAD} above the current \
+             generation {current}; ignored (`veilctl keys rotate` asks for one above)"
+        )),
+        Some(g) if g > current => Ok(Some(g)),
+        _ => Ok(None),
+    }
+}
+
 /// The interval to use for `configured`, or why it is refused.
 pub fn check_rotation_interval(
     configured: Option<Duration>,
@@ -1040,6 +1065,26 @@ fn disable_rp_filter(tun: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_requests_above_current_within_reach_only() {
+        assert_eq!(check_rotation_request(None, 3), Ok(None));
+        assert_eq!(check_rotation_request(Some(3), 3), Ok(None));
+        assert_eq!(check_rotation_request(Some(2), 3), Ok(None));
+        assert_eq!(check_rotation_request(Some(4), 3), Ok(Some(4)));
+        assert_eq!(
+            check_rotation_request(Some(3 + MAX_ROTATION_AHEAD), 3),
+            Ok(Some(11))
+        );
+        let err = check_rotation_request(Some(u64::MAX), 3).unwrap_err();
+        assert!(
+            err.contains("generation 18446744073709551615") && err.contains("current generation 3"),
+            "{err}"
+        );
+        assert!(check_rotation_request(Some(u64::MAX), u64::MAX)
+            .unwrap()
+            .is_none());
+    }
     use crate::reconcile::RemoteCidr;
 
     fn net(s: &str) -> IpNet {
