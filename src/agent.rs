@@ -43,10 +43,6 @@ mod observe;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node: String,
-    /// Unused since certificates and rotation requests come from the
-    /// cluster source (`ClusterState::certificates`, `rotation_requests`);
-    /// kept so existing callers still build.
-    pub cluster_dir: PathBuf,
     /// Where the cluster state comes from: a directory or the Kubernetes API.
     pub source: SourceConfig,
     /// Listen address of `/metrics` and `/healthz`; `None`: no server.
@@ -1095,7 +1091,6 @@ mod tests {
     async fn auto_approve_is_refused_in_kube_mode_before_anything_starts() {
         let cfg = |source: SourceConfig| Config {
             node: "n1".into(),
-            cluster_dir: PathBuf::from("/nonexistent"),
             source,
             metrics_addr: None,
             error_count: crate::metrics::ErrorCount::default(),

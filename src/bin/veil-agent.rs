@@ -161,9 +161,6 @@ fn main() -> ExitCode {
     };
     let cfg = agent::Config {
         node: args.node,
-        // Kube mode: certificates and rotation requests stay local files,
-        // next to the keys, until they move into the API.
-        cluster_dir: args.cluster_dir.unwrap_or_else(|| args.key_dir.clone()),
         source,
         metrics_addr,
         error_count,
