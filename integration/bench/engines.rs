@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use crate::harness::agent::{wg_dump, Agent, VEILCTL_BIN};
 use crate::harness::cluster::ClusterDir;
-use crate::harness::poll_until;
 use crate::harness::process::Bg;
-use crate::harness::topology::{Node, Pod, Topology, WG_PORT};
+use crate::harness::topology::{Pod, Topology, WG_PORT};
 use crate::harness::traffic::{canary, warm_up, Servers, PROBE_BIN};
+use crate::harness::wggo::{Launch, WireguardGo};
 
 /// The `veil-probe` for the request/response figure: `VEIL_PROBE_BIN` when set
 /// (run.sh passes the release build), else this build's.
@@ -28,7 +28,7 @@ pub const IPERF_PORT: u16 = 5201;
 pub const RR_PORT: u16 = 7003;
 /// Tunnel MTU for every WireGuard configuration: what the harness gives Veil
 /// (`--mtu 1420`) and wireguard-go's default, so all tunnels carry the same packets.
-pub const TUNNEL_MTU: &str = "1420";
+pub const TUNNEL_MTU: u16 = 1420;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -95,113 +95,6 @@ pub fn find_gotatun() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A userspace WireGuard implementation speaking the cross-platform UAPI
-/// (wireguard-go, gotatun), run in the foreground in a node namespace and
-/// configured with `wg`, like `harness::wggo` but with any binary and quiet logs
-/// (verbose logging would cost the engine time during the measurement).
-#[derive(Debug)]
-struct Userspace {
-    iface: String,
-    ns_name: String,
-    public_key: String,
-    proc: Bg,
-}
-
-fn wg_with_stdin(args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut child = Command::new("wg")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run wg {args:?}: {e}"));
-    if let Some(mut i) = child.stdin.take() {
-        i.write_all(stdin.as_bytes())
-            .unwrap_or_else(|e| panic!("write to wg {args:?}: {e}"));
-    }
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("wait for wg {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "wg {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-impl Userspace {
-    fn start(kind: Kind, bin: &Path, node: &Node, iface: &str, work: &Path) -> Self {
-        assert!(iface.len() <= 15, "interface name {iface:?} too long");
-        let private = wg_with_stdin(&["genkey"], "");
-        let public_key = wg_with_stdin(&["pubkey"], &private);
-        let key_file = work.join(format!("{iface}.key"));
-        std::fs::write(&key_file, format!("{private}\n"))
-            .unwrap_or_else(|e| panic!("write {}: {e}", key_file.display()));
-        let mut cmd = node.ns.cmd(&bin.to_string_lossy());
-        match kind {
-            Kind::WireguardGo => {
-                cmd.args(["-f", iface]).env("LOG_LEVEL", "error");
-            }
-            // gotatun-cli 0.10: `-f` foreground, log level from WG_LOG_LEVEL; as
-            // root it keeps its privileges anyway, the flag only makes that explicit.
-            _ => {
-                cmd.args(["-f", "--disable-drop-privileges", iface])
-                    .env("WG_LOG_LEVEL", "error");
-            }
-        }
-        let log = work.join(format!("{}-{iface}.log", kind.label()));
-        let mut proc = Bg::spawn(format!("{} {iface}", kind.label()), cmd, &log);
-        let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
-        let up = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            (sock.exists() || !proc.is_running()).then_some(())
-        });
-        assert!(
-            up.is_some() && proc.is_running(),
-            "{} {iface} did not come up (no UAPI socket {}):\n{}",
-            kind.label(),
-            sock.display(),
-            proc.log()
-        );
-        let key = key_file.to_string_lossy().into_owned();
-        let port = WG_PORT.to_string();
-        node.ns.exec_ok(&[
-            "wg",
-            "set",
-            iface,
-            "private-key",
-            &key,
-            "listen-port",
-            &port,
-        ]);
-        node.ns
-            .exec_ok(&["ip", "link", "set", iface, "mtu", TUNNEL_MTU, "up"]);
-        Self {
-            iface: iface.to_string(),
-            ns_name: node.ns.name().to_string(),
-            public_key,
-            proc,
-        }
-    }
-}
-
-impl Drop for Userspace {
-    fn drop(&mut self) {
-        self.proc.kill();
-        // SIGKILL leaves the UAPI socket behind; the name is unique to this run.
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
-        if std::thread::panicking() {
-            eprintln!(
-                "----- log of {} -----\n{}\n----- end of log -----",
-                self.iface,
-                self.proc.log()
-            );
-        }
-    }
-}
-
 /// One configuration, up and verified. Fields drop in order: processes first,
 /// then files, then the namespaces.
 #[derive(Debug)]
@@ -210,7 +103,7 @@ pub struct Setup {
     servers: Vec<Bg>,
     echo: Servers,
     agents: Vec<Agent>,
-    userspace: Vec<Userspace>,
+    userspace: Vec<WireguardGo>,
     dir: Option<ClusterDir>,
     pub topo: Topology,
     work: tempfile::TempDir,
@@ -303,12 +196,32 @@ impl Setup {
         // is shared by all namespaces.
         let iface = |i: u8| format!("{}w{i}", self.topo.prefix);
         for i in [1, 2] {
-            let u = Userspace::start(
-                self.kind,
-                bin,
+            let bin = bin.to_string_lossy();
+            let how = match self.kind {
+                // Quiet logs: verbose logging would cost the engine time during
+                // the measurement.
+                Kind::WireguardGo => Launch {
+                    bin: &bin,
+                    env: ("LOG_LEVEL", "error"),
+                    mtu: Some(TUNNEL_MTU),
+                    ..Launch::WIREGUARD_GO
+                },
+                // gotatun-cli 0.10: `-f` foreground, log level from WG_LOG_LEVEL; as
+                // root it keeps its privileges anyway, the flag only makes that explicit.
+                _ => Launch {
+                    label: self.kind.label(),
+                    bin: &bin,
+                    args: &["-f", "--disable-drop-privileges"],
+                    env: ("WG_LOG_LEVEL", "error"),
+                    mtu: Some(TUNNEL_MTU),
+                },
+            };
+            let u = WireguardGo::launch(
                 self.topo.node(i),
                 &iface(i),
+                WG_PORT,
                 self.work.path(),
+                &how,
             );
             self.userspace.push(u);
         }
@@ -373,7 +286,7 @@ impl Setup {
         match self.kind {
             Kind::Plain => Vec::new(),
             k if k.is_veil() => self.agents.iter().filter_map(Agent::pid).collect(),
-            _ => self.userspace.iter().map(|u| u.proc.pid()).collect(),
+            _ => self.userspace.iter().map(WireguardGo::pid).collect(),
         }
     }
 
@@ -405,11 +318,11 @@ impl Setup {
         }
         for u in &mut self.userspace {
             assert!(
-                u.proc.is_running(),
+                u.is_running(),
                 "{} on {} died:\n{}",
                 self.kind.label(),
                 u.ns_name,
-                u.proc.log()
+                u.log()
             );
         }
     }

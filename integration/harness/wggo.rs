@@ -11,17 +11,43 @@ use super::poll_until;
 use super::process::Bg;
 use super::topology::Node;
 
-/// A running `wireguard-go -f <iface>`; killed on drop.
+/// A running userspace WireGuard (`wireguard-go -f <iface>` unless started with
+/// [`WireguardGo::launch`]); killed on drop.
 #[derive(Debug)]
 pub struct WireguardGo {
     pub iface: String,
-    ns_name: String,
+    pub ns_name: String,
     pub public_key: String,
+    label: String,
     proc: Bg,
 }
 
+/// How to run a userspace WireGuard implementation that speaks the
+/// cross-platform UAPI (wireguard-go, gotatun): `bin ARGS.. <iface>` in the
+/// foreground with `env` set, then configured with `wg`.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    pub label: &'a str,
+    pub bin: &'a str,
+    pub args: &'a [&'a str],
+    pub env: (&'a str, &'a str),
+    /// Interface MTU; `None` keeps the implementation's default.
+    pub mtu: Option<u16>,
+}
+
+impl Launch<'_> {
+    /// Stock wireguard-go, verbose logs (the tests print them on failure).
+    pub const WIREGUARD_GO: Launch<'static> = Launch {
+        label: "wireguard-go",
+        bin: "wireguard-go",
+        args: &["-f"],
+        env: ("LOG_LEVEL", "verbose"),
+        mtu: None,
+    };
+}
+
 /// Runs `wg <args>` with `stdin`, returning trimmed stdout.
-fn wg_stdin(args: &[&str], stdin: &str) -> String {
+pub fn wg_stdin(args: &[&str], stdin: &str) -> String {
     let mut child = Command::new("wg")
         .args(args)
         .stdin(Stdio::piped())
@@ -48,6 +74,11 @@ impl WireguardGo {
     /// Starts wireguard-go on `node` with a fresh key (`wg genkey` / `wg pubkey`),
     /// listening on `port`, interface up; no peers yet.
     pub fn start(node: &Node, iface: &str, port: u16, work: &Path) -> Self {
+        Self::launch(node, iface, port, work, &Launch::WIREGUARD_GO)
+    }
+
+    /// Starts the implementation `how` describes on `node`, like [`Self::start`].
+    pub fn launch(node: &Node, iface: &str, port: u16, work: &Path, how: &Launch) -> Self {
         assert!(iface.len() <= 15, "interface name {iface:?} too long");
         let private = wg_stdin(&["genkey"], "");
         let public_key = wg_stdin(&["pubkey"], &private);
@@ -55,17 +86,19 @@ impl WireguardGo {
         std::fs::write(&key_file, format!("{private}\n"))
             .unwrap_or_else(|e| panic!("write {}: {e}", key_file.display()));
 
-        let mut cmd = node.ns.cmd("wireguard-go");
-        cmd.args(["-f", iface]).env("LOG_LEVEL", "verbose");
-        let log = work.join(format!("wireguard-go-{iface}.log"));
-        let mut proc = Bg::spawn(format!("wireguard-go {iface}"), cmd, &log);
+        let mut cmd = node.ns.cmd(how.bin);
+        cmd.args(how.args).arg(iface).env(how.env.0, how.env.1);
+        let label = format!("{} {iface}", how.label);
+        let log = work.join(format!("{}-{iface}.log", how.label));
+        let mut proc = Bg::spawn(label.clone(), cmd, &log);
         let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
         let up = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
             (sock.exists() || !proc.is_running()).then_some(())
         });
         assert!(
             up.is_some() && proc.is_running(),
-            "wireguard-go {iface} did not come up:\n{}",
+            "{label} did not come up (no UAPI socket {}):\n{}",
+            sock.display(),
             proc.log()
         );
         let port = port.to_string();
@@ -79,11 +112,16 @@ impl WireguardGo {
             "listen-port",
             &port,
         ]);
+        if let Some(mtu) = how.mtu {
+            node.ns
+                .exec_ok(&["ip", "link", "set", iface, "mtu", &mtu.to_string()]);
+        }
         node.ns.exec_ok(&["ip", "link", "set", iface, "up"]);
         Self {
             iface: iface.to_string(),
             ns_name: node.ns.name().to_string(),
             public_key,
+            label,
             proc,
         }
     }
@@ -114,6 +152,10 @@ impl WireguardGo {
     pub fn is_running(&mut self) -> bool {
         self.proc.is_running()
     }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
 }
 
 impl Drop for WireguardGo {
@@ -123,8 +165,8 @@ impl Drop for WireguardGo {
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
         if std::thread::panicking() {
             eprintln!(
-                "----- log of wireguard-go {} -----\n{}\n----- end of log -----",
-                self.iface,
+                "----- log of {} -----\n{}\n----- end of log -----",
+                self.label,
                 self.proc.log()
             );
         }
