@@ -23,7 +23,6 @@ mod harness;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::capture::Report;
@@ -38,41 +37,6 @@ const NAME: &str = "demo";
 /// Lines of tcpdump text shown per protocol and capture.
 const SNIFF_PER_KIND: usize = 3;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM only set a flag: the demo then unwinds at its next checkpoint,
-/// and the drops remove agents, namespaces and files. (Dying on the signal would
-/// leave the namespaces behind.)
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed `sigaction` is a valid "no flags, empty mask" value; the
-        // handler only stores to an atomic, which is async-signal-safe (signal-safety(7)).
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            eprintln!(
-                "demo: cannot install a handler for signal {sig}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Where an interrupt turns into an unwind (and so into cleanup).
-fn checkpoint() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        panic!("interrupted: cleaning up");
-    }
-}
-
 /// Prints a section header with the time since the start.
 struct Show {
     start: Instant,
@@ -81,7 +45,7 @@ struct Show {
 
 impl Show {
     fn section(&mut self, title: &str) {
-        checkpoint();
+        harness::interrupt::checkpoint();
         self.step += 1;
         println!(
             "\n[{:>5.1}s] == {}. {title}",
@@ -131,7 +95,7 @@ fn rule_present(node_ns: &harness::netns::Netns) -> bool {
 fn wait_flag_applied(f: &Fixture, enabled: bool) {
     for n in &f.topo.nodes {
         let done = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
-            checkpoint();
+            harness::interrupt::checkpoint();
             (rule_present(&n.ns) == enabled).then_some(())
         });
         assert!(
@@ -208,7 +172,7 @@ fn cross_node_traffic(f: &Fixture, canary: &str) -> Vec<String> {
     // First make sure every pair answers (a new WireGuard session waits for its
     // handshake; a plaintext path may wait for ARP), so the counts below are exact.
     for (from, to) in cross_pairs(f) {
-        checkpoint();
+        harness::interrupt::checkpoint();
         let t = wait_reachable(from, to.ip, canary, Duration::from_secs(20));
         assert!(
             t.is_some(),
@@ -220,7 +184,7 @@ fn cross_node_traffic(f: &Fixture, canary: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut failures = Vec::new();
     for (from, to) in cross_pairs(f) {
-        checkpoint();
+        harness::interrupt::checkpoint();
         let pair = format!("{:<24} -> {:<24}", from.label(), to.label());
         let p = ping_text(from, to.ip, 2);
         let pr = parse_ping(&p);
@@ -507,7 +471,7 @@ fn main() -> ExitCode {
         println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
         return ExitCode::FAILURE;
     }
-    install_signal_handlers();
+    harness::interrupt::install(NAME);
     let mut show = Show {
         start: Instant::now(),
         step: 0,

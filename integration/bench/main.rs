@@ -33,7 +33,6 @@ mod report;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use engines::{find_gotatun, Kind, Setup};
@@ -41,38 +40,6 @@ use measure::{status_kib, Figure};
 use report::{ConfigResults, Machine};
 
 const NAME: &str = "bench";
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed `sigaction` is a valid "no flags, empty mask" value; the
-        // handler only stores to an atomic, which is async-signal-safe (signal-safety(7)).
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            eprintln!(
-                "bench: cannot install a handler for signal {sig}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Where an interrupt turns into an unwind (and so into cleanup).
-fn checkpoint() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        panic!("interrupted: cleaning up");
-    }
-}
 
 /// How much to measure.
 #[derive(Debug, Clone)]
@@ -326,7 +293,7 @@ fn run_bench(plan: &Plan) {
     }
     let mut setups = Vec::new();
     for &k in &kinds {
-        checkpoint();
+        harness::interrupt::checkpoint();
         let t = Instant::now();
         setups.push(Setup::new(k, gotatun.as_deref()));
         println!(
@@ -342,7 +309,7 @@ fn run_bench(plan: &Plan) {
     for round in 1..=rounds {
         for &f in &figures {
             for (i, setup) in setups.iter_mut().enumerate() {
-                checkpoint();
+                harness::interrupt::checkpoint();
                 let tag = format!("r{round}-{:?}", f).replace(['(', ')'], "");
                 let s = measure::run(setup, f, plan.secs, plan.rr_count, &tag);
                 let value = match f {
@@ -370,7 +337,7 @@ fn run_bench(plan: &Plan) {
     drop(setups);
 
     let mem = plan.memory.map(|(nodes, pods)| {
-        checkpoint();
+        harness::interrupt::checkpoint();
         println!("bench: memory: agent with {nodes} nodes x {pods} pods in its state");
         let m = memory::measure(nodes, pods);
         println!(
@@ -457,7 +424,7 @@ fn main() -> ExitCode {
         // the memory report's breakdown is built from them.
         std::env::set_var("RUST_LOG", "info,veil::agent::memory=debug");
     }
-    install_signal_handlers();
+    harness::interrupt::install(NAME);
     let start = Instant::now();
     let result = std::panic::catch_unwind(|| run_bench(&plan));
     let secs = start.elapsed().as_secs_f64();

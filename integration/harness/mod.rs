@@ -12,6 +12,7 @@ pub mod agent;
 pub mod capture;
 pub mod cluster;
 pub mod fixture;
+pub mod interrupt;
 pub mod netns;
 pub mod process;
 pub mod topology;
