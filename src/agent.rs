@@ -127,7 +127,7 @@ pub enum Error {
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     // Before anything is created: a refused flag must not leave a TUN behind.
-    auto_approve_dir(&cfg)?;
+    let auto_approve = auto_approve_dir(&cfg)?;
     memory::phase("start");
     // First, while the process is smallest: loading parses the kernel's BTF
     // (aya 0.14 always does, ~20 MiB for a moment), and that transient is the
@@ -184,7 +184,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             source,
         }
     })?;
-    let approver = match auto_approve_dir(&cfg)? {
+    let approver = match auto_approve {
         None => None,
         Some((path, dir)) => Some((
             trust::load_authority(path).map_err(|e| Error::AutoApprove {
@@ -494,11 +494,8 @@ impl Node {
                     }
                 }
                 None => {
-                    let why = match state.origins.get(&format!(
-                        "{}/{}",
-                        trust::CertificateObject::KIND,
-                        self.cfg.node
-                    )) {
+                    let object = trust::CertificateObject::object_ref(&self.cfg.node);
+                    let why = match state.origins.get(&object) {
                         Some(origin) => format!("{why} (from {origin})"),
                         None => why,
                     };
@@ -670,7 +667,10 @@ impl Node {
         let requested = match check_rotation_request(requested, self.generation) {
             Ok(r) => r,
             Err(problem) => {
-                self.rotation_note(format!("VeilKeyRotation/{}: {problem}", self.cfg.node));
+                self.rotation_note(format!(
+                    "{}: {problem}",
+                    trust::RotationObject::object_ref(&self.cfg.node)
+                ));
                 None
             }
         };
@@ -1061,6 +1061,7 @@ fn disable_rp_filter(tun: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::RemoteCidr;
 
     #[test]
     fn rotation_requests_above_current_within_reach_only() {
@@ -1081,7 +1082,6 @@ mod tests {
             .unwrap()
             .is_none());
     }
-    use crate::reconcile::RemoteCidr;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

@@ -289,8 +289,8 @@ impl Object {
             Object::Config(_) => format!("VeilClusterConfig/{}", objects::CLUSTER_CONFIG_NAME),
             Object::Policy(p) => p.id.to_string(),
             Object::Identity(i) => identity::PublishedIdentity::object_ref(i.id),
-            Object::Certificate(c) => format!("{}/{}", trust::CertificateObject::KIND, c.node),
-            Object::Rotation(r) => format!("{}/{}", trust::RotationObject::KIND, r.node),
+            Object::Certificate(c) => trust::CertificateObject::object_ref(&c.node),
+            Object::Rotation(r) => trust::RotationObject::object_ref(&r.node),
         }
     }
 }

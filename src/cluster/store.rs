@@ -114,7 +114,7 @@ impl Store {
             }
             Store::Kube(client) => {
                 super::kube::ctl::apply_certificate(client, cert).await?;
-                Ok(format!("{}/{}", CertificateObject::KIND, cert.node))
+                Ok(CertificateObject::object_ref(&cert.node))
             }
         }
     }
@@ -129,7 +129,7 @@ impl Store {
             }
             Store::Kube(client) => {
                 super::kube::ctl::apply_rotation(client, node, generation).await?;
-                Ok(format!("{}/{node}", RotationObject::KIND))
+                Ok(RotationObject::object_ref(node))
             }
         }
     }

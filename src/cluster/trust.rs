@@ -107,7 +107,7 @@ pub struct CertificateObject {
     shortname = "vcert",
     category = "veil",
     doc = "The cluster authority's certificate for one node's identity key, named after the node; written by `veilctl node approve`.",
-    validation = Rule::new(NODE_NAME_RULE).message("metadata.name must be the node's name (a DNS subdomain: lowercase letters, digits, '-' and '.')"),
+    validation = Rule::new(NODE_NAME_RULE).message(NODE_NAME_MESSAGE),
     printcolumn(name = "Identity key", type_ = "string", json_path = ".spec.identityKey"),
     printcolumn(name = "Not after", type_ = "integer", json_path = ".spec.notAfter"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -139,6 +139,11 @@ pub struct CertificateSpec {
 
 impl CertificateObject {
     pub const KIND: &'static str = "VeilNodeCertificate";
+
+    /// `VeilNodeCertificate/<node>`, as diagnostics and origins name it.
+    pub fn object_ref(node: &str) -> String {
+        format!("{}/{node}", Self::KIND)
+    }
 
     /// The object that carries `cert`, named after its node.
     pub fn new(cert: &keymgr::NodeCertificate) -> Self {
@@ -182,7 +187,7 @@ pub struct RotationObject {
     shortname = "vrot",
     category = "veil",
     doc = "A request that the node named in metadata.name rotate its WireGuard key until its key generation is at least spec.generation; written by `veilctl keys rotate`.",
-    validation = Rule::new(NODE_NAME_RULE).message("metadata.name must be the node's name (a DNS subdomain: lowercase letters, digits, '-' and '.')"),
+    validation = Rule::new(NODE_NAME_RULE).message(NODE_NAME_MESSAGE),
     printcolumn(name = "Requested generation", type_ = "integer", json_path = ".spec.generation"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -199,6 +204,11 @@ pub struct RotationSpec {
 impl RotationObject {
     pub const KIND: &'static str = "VeilKeyRotation";
 
+    /// `VeilKeyRotation/<node>`, as diagnostics and origins name it.
+    pub fn object_ref(node: &str) -> String {
+        format!("{}/{node}", Self::KIND)
+    }
+
     /// The request that node `node` reach `generation`.
     pub fn new(node: &str, generation: u64) -> Self {
         Self {
@@ -213,6 +223,9 @@ impl RotationObject {
 /// CEL: `metadata.name` is a node name as `keymgr::validate_node_name` takes
 /// it (Kubernetes node names are DNS subdomains; RFC 1123).
 pub const NODE_NAME_RULE: &str = "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+/// What the API server says when [`NODE_NAME_RULE`] refuses a name.
+const NODE_NAME_MESSAGE: &str =
+    "metadata.name must be the node's name (a DNS subdomain: lowercase letters, digits, '-' and '.')";
 
 /// What an object says, checked: the node it is named after must be a node
 /// name, and every reader field must agree with the signed certificate. The
@@ -293,7 +306,7 @@ pub fn check_certificate(
     authority: &[u8; 32],
     now: u64,
 ) -> Result<keymgr::NodeCertificate, String> {
-    let object = format!("{}/{node}", CertificateObject::KIND);
+    let object = CertificateObject::object_ref(node);
     let Some(cert) = cert else {
         return Err(format!("{object} does not exist"));
     };

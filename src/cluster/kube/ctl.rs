@@ -277,17 +277,14 @@ pub async fn apply_certificate(
     cert: &keymgr::NodeCertificate,
 ) -> Result<(), Error> {
     let object = CertificateObject::new(cert);
-    let body = to_json(
-        format!("{}/{}", CertificateObject::KIND, cert.node),
-        &object,
-    )?;
+    let body = to_json(CertificateObject::object_ref(&cert.node), &object)?;
     apply_object(client, &veil_certificate_resource(), &cert.node, &body).await
 }
 
 /// Applies `VeilKeyRotation/<node>` asking for `generation` (`veilctl keys rotate`).
 pub async fn apply_rotation(client: &Client, node: &str, generation: u64) -> Result<(), Error> {
     let object = RotationObject::new(node, generation);
-    let body = to_json(format!("{}/{node}", RotationObject::KIND), &object)?;
+    let body = to_json(RotationObject::object_ref(node), &object)?;
     apply_object(client, &veil_rotation_resource(), node, &body).await
 }
 
