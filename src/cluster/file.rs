@@ -135,6 +135,11 @@ impl FileSource {
     }
 
     /// Writes `DIR/veilnodes/<node>.yaml` atomically (temp file in the same dir + rename), 0644.
+    /// Where [`Self::publish_announcement`] writes node `node`'s `VeilNode`.
+    pub fn announcement_path(&self, node: &str) -> PathBuf {
+        self.dir.join(ANNOUNCEMENT_DIR).join(format!("{node}.yaml"))
+    }
+
     pub fn publish_announcement(&self, a: &Announcement) -> Result<(), Error> {
         // A leading dot would also hide the file from the scanner.
         if a.node.is_empty()
@@ -153,7 +158,7 @@ impl FileSource {
                 node: a.node.clone(),
                 source,
             })?;
-        let path = dir.join(format!("{}.yaml", a.node));
+        let path = self.announcement_path(&a.node);
         // Unchanged: no write, so no watch event and no rescan on every node.
         if let (Ok(existing), Ok(meta)) = (fs::read(&path), fs::symlink_metadata(&path)) {
             if existing == text.as_bytes()

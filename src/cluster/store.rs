@@ -138,13 +138,9 @@ impl Store {
     pub async fn write_announcement(&self, a: &Announcement) -> Result<String, Error> {
         match self {
             Store::File(dir) => {
-                let dir = check_dir(dir)?;
-                FileSource::new(dir).publish_announcement(a)?;
-                Ok(dir
-                    .join(super::file::ANNOUNCEMENT_DIR)
-                    .join(format!("{}.yaml", a.node))
-                    .display()
-                    .to_string())
+                let source = FileSource::new(check_dir(dir)?);
+                source.publish_announcement(a)?;
+                Ok(source.announcement_path(&a.node).display().to_string())
             }
             Store::Kube(client) => {
                 super::kube::ctl::apply_announcement(client, a).await?;
@@ -239,7 +235,14 @@ impl Store {
                 .trust
                 .generation;
             let requested = state.rotation_requests.get(t).copied().unwrap_or(0);
-            plan.push((t.clone(), current, current.max(requested) + 1));
+            // Both come from the store: a hostile u64::MAX must not overflow.
+            let want = current.max(requested).checked_add(1).ok_or_else(|| {
+                Error::Refused(format!(
+                    "{t}: key generation {} cannot be raised",
+                    current.max(requested)
+                ))
+            })?;
+            plan.push((t.clone(), current, want));
         }
         let mut done = Vec::new();
         for (node, current, want) in plan {
@@ -367,6 +370,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ext is not a Veil node"), "{e}");
+
+        // A request already at the top of the range is refused, not overflowed.
+        trust::write_rotation(tmp.path(), "n1", u64::MAX).unwrap();
+        let e = store
+            .request_rotations(Some(&["n1".to_string()]))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be raised"), "{e}");
 
         let missing = Store::File(tmp.path().join("nope"));
         assert!(matches!(
