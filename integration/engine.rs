@@ -1166,6 +1166,9 @@ fn initiation_from_a_key_not_yet_configured_is_answered_once_it_is() {
     // B forgets A entirely; A rotates and initiates to B with its new key.
     p.eb().set_peers(Vec::new());
     let held_before = p.eb().counters().initiations_held;
+    // The setup itself may have held and answered A's first initiation (if it
+    // reached B before B's peers were set): count from here.
+    let answered_before = p.eb().counters().held_answered;
     let k1 = new_key();
     p.ea().rotate_key(k1.clone(), Duration::from_secs(30));
     assert!(
@@ -1177,7 +1180,7 @@ fn initiation_from_a_key_not_yet_configured_is_answered_once_it_is() {
         "B did not hold A's initiation: {:?}",
         p.eb().counters()
     );
-    assert_eq!(p.eb().counters().held_answered, 0);
+    assert_eq!(p.eb().counters().held_answered, answered_before);
     assert_ne!(session_key(p.ea()), Some(pubkey(&k1)));
     // B configures A's new key *without an endpoint*: B cannot initiate, so
     // only the held initiation can make the session, and well before A's
@@ -1185,7 +1188,7 @@ fn initiation_from_a_key_not_yet_configured_is_answered_once_it_is() {
     let configured = Instant::now();
     p.eb()
         .set_peers(vec![peer(pubkey(&k1), None, "10.244.1.0/24")]);
-    assert_eq!(p.eb().counters().held_answered, 1);
+    assert_eq!(p.eb().counters().held_answered, answered_before + 1);
     assert!(
         wait_until(Duration::from_secs(2), || session_key(p.ea())
             == Some(pubkey(&k1))),
@@ -1211,7 +1214,7 @@ fn initiation_from_a_key_not_yet_configured_is_answered_once_it_is() {
         .set_peers(vec![peer(pubkey(&k2), None, "10.244.1.0/24")]);
     assert_eq!(
         p.eb().counters().held_answered,
-        1,
+        answered_before + 1,
         "an expired initiation was answered"
     );
 }
