@@ -93,6 +93,7 @@ fn start_engine(
             listen_port: PORT,
             private_key: key.clone(),
             uapi_socket: Some(uapi_path(name)),
+            idle_poll: Duration::from_micros(veil::wireguard::DEFAULT_IDLE_POLL_US),
         };
         match ns.run(move || Engine::start(cfg)) {
             Ok(e) => break e,
@@ -628,6 +629,7 @@ fn start_errors_and_uapi_socket_hygiene() {
         listen_port: 0,
         private_key: new_key(),
         uapi_socket: uapi,
+        idle_poll: Duration::ZERO,
     };
     let c = cfg(&name, None);
     let err = ns.run(move || Engine::start(c).err().expect("duplicate TUN must fail"));

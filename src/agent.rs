@@ -55,6 +55,8 @@ pub struct Config {
     pub tun_name: String,
     pub listen_port: u16,
     pub mtu: u16,
+    /// Bound of the engine threads' idle polling (`EngineConfig::idle_poll`).
+    pub idle_poll: Duration,
     /// Full resync period, on top of change notifications.
     pub resync: Duration,
     /// File with the cluster authority's Ed25519 public key (the trust root).
@@ -150,6 +152,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         listen_port: cfg.listen_port,
         private_key: key.key.as_static_secret().clone(),
         uapi_socket: cfg.uapi_socket.clone(),
+        idle_poll: cfg.idle_poll,
     })
     .map_err(|source| Error::Engine {
         tun: cfg.tun_name.clone(),
@@ -1099,6 +1102,7 @@ mod tests {
             tun_name: "veiltest0".into(),
             listen_port: 0,
             mtu: DEFAULT_MTU,
+            idle_poll: Duration::ZERO,
             resync: Duration::from_secs(1),
             authority_public_key: PathBuf::from("/nonexistent/authority.pub"),
             auto_approve_with: Some(PathBuf::from("/ca")),

@@ -303,6 +303,29 @@ pub fn render(s: &Snapshot) -> String {
             .inc_by(n);
     }
 
+    let polls = counter_family(
+        &mut r,
+        "engine_idle_polls",
+        "Waits of the engine's packet threads, by how they ended: caught by polling, slept, or polling cut short by preemption.",
+    );
+    let p = &e.idle_poll;
+    for (outcome, n) in [
+        ("caught", p.caught),
+        ("slept", p.slept),
+        ("preempted", p.preempted),
+    ] {
+        polls
+            .get_or_create(&vec![("outcome", outcome.into())])
+            .inc_by(n);
+    }
+    let polled = Counter::<f64, AtomicU64>::default();
+    polled.inc_by(p.polled.as_secs_f64());
+    r.register(
+        "engine_idle_poll_seconds",
+        "CPU time the engine's packet threads spent polling for the next packet instead of sleeping.",
+        polled,
+    );
+
     let errors = Counter::<u64>::default();
     errors.inc_by(s.reconcile_errors);
     r.register(

@@ -20,6 +20,11 @@
 //!   (handshake retries, rekeying, keepalives) and resets the shared rate limiter.
 //! - **uapi** (optional): serves `wg show` on the standard Unix socket.
 //!
+//! Before the two packet threads sleep they poll their descriptor for an
+//! adaptive window (see [`idle_poll`]): in a steady exchange of packets the
+//! next one is taken without a thread wakeup, which is most of the
+//! request/response latency the engine adds.
+//!
 //! All loops wake at least every [`POLL_INTERVAL`] to notice shutdown, so
 //! [`Engine::shutdown`] joins them promptly and then closes the TUN fd, which
 //! makes the (non-persistent) device disappear.
@@ -87,6 +92,7 @@
 //! fragmentation at all.
 
 pub mod batch;
+pub mod idle_poll;
 pub mod lpm;
 pub mod offload;
 pub mod packet;
@@ -98,6 +104,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::PublicKey;
 use ipnet::IpNet;
+use idle_poll::{IdlePoll, PollState};
 use lpm::LpmTable;
 use packet::{CryptokeyVerdict, Demux};
 use parking_lot::{Mutex, RwLock};
@@ -120,6 +127,10 @@ use std::time::{Duration, Instant, SystemTime};
 pub const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Upper bound on how long any engine thread sleeps before checking for shutdown.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Default bound of the packet threads' idle polling, in µs: the kernel's
+/// own default for guest halt polling (`guest_halt_poll_ns`), which covers a
+/// round trip between two nodes of a cluster.
+pub const DEFAULT_IDLE_POLL_US: u64 = 200;
 /// Largest IP packet (the IPv4/IPv6 total-length fields are 16 bits).
 const MAX_PACKET: usize = 65_536;
 /// WireGuard data message overhead: type/reserved (4) + receiver (4) + counter (8) + tag (16).
@@ -251,6 +262,9 @@ pub struct EngineConfig {
     pub private_key: x25519_dalek::StaticSecret,
     /// UAPI socket, e.g. `/var/run/wireguard/veil0.sock`; `None` serves none.
     pub uapi_socket: Option<PathBuf>,
+    /// Longest a packet thread polls before it sleeps ([`idle_poll`]); zero
+    /// never polls.
+    pub idle_poll: Duration,
 }
 
 /// Desired configuration of one peer (one remote node).
@@ -308,6 +322,8 @@ pub struct EngineCounters {
     pub tun_tx_packets: u64,
     pub udp_rx_datagrams: u64,
     pub udp_tx_datagrams: u64,
+    /// The packet threads' polling before they sleep ([`idle_poll`]).
+    pub idle_poll: idle_poll::Stats,
 }
 
 #[derive(Default)]
@@ -350,6 +366,7 @@ impl Counters {
             tun_tx_packets: l(&self.tun_tx_packets),
             udp_rx_datagrams: l(&self.udp_rx_datagrams),
             udp_tx_datagrams: l(&self.udp_tx_datagrams),
+            idle_poll: idle_poll::Stats::default(),
         }
     }
 }
@@ -682,6 +699,8 @@ struct Shared {
     counters: Counters,
     /// Initiations from keys that are not peers yet (see module docs).
     held: Mutex<rotation::HeldInitiations<HeldInitiation>>,
+    idle_poll: Duration,
+    poll_state: Arc<PollState>,
     stop: AtomicBool,
 }
 
@@ -784,8 +803,6 @@ fn bind_udp(port: u16) -> Result<(UdpSocket, bool), Error> {
         sock.set_send_buffer_size(SOCKET_BUFFER)
             .map_err(opt("SO_SNDBUF"))?;
     }
-    sock.set_read_timeout(Some(POLL_INTERVAL))
-        .map_err(opt("SO_RCVTIMEO"))?;
     match offload::enable_udp_gro(fd) {
         Ok(true) => {}
         Ok(false) => {
@@ -951,6 +968,8 @@ impl Engine {
             config_lock: Mutex::new(random_index()),
             counters: Counters::default(),
             held: Mutex::new(rotation::HeldInitiations::default()),
+            idle_poll: cfg.idle_poll,
+            poll_state: Arc::default(),
             stop: AtomicBool::new(false),
         });
         let mut engine = Engine {
@@ -1270,7 +1289,10 @@ impl Engine {
     }
 
     pub fn counters(&self) -> EngineCounters {
-        self.shared.counters.snapshot()
+        EngineCounters {
+            idle_poll: self.shared.poll_state.stats(),
+            ..self.shared.counters.snapshot()
+        }
     }
 
     /// Whether every engine thread is still running. The threads loop until
@@ -1433,11 +1455,12 @@ impl Shared {
         let mut sizes = vec![0usize; TX_SLOTS];
         let mut tx = batch::TxQueue::new(OUT_BUF, TX_SLOTS);
         let fd = self.tun.as_raw_fd();
+        let mut idle = IdlePoll::new(self.idle_poll, self.poll_state.clone(), 0);
         // Whether the last drain stopped at its bound with packets still queued.
         let mut more = false;
         while !self.stop.load(Ordering::Relaxed) {
             if !more {
-                match wait_readable(fd, POLL_INTERVAL) {
+                match idle.wait_readable(fd, POLL_INTERVAL, &self.stop) {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
@@ -1589,23 +1612,23 @@ impl Shared {
 
     fn udp_loop(&self) {
         let fd = self.sock.as_raw_fd();
-        // One recvmmsg takes up to RX_MSGS messages (only the first waits, up
-        // to SO_RCVTIMEO); with UDP_GRO each is a run of datagrams from one sender.
+        // One recvmmsg takes up to RX_MSGS messages, only what is queued; with
+        // UDP_GRO each is a run of datagrams from one sender.
         let mut rx = batch::RecvMmsg::new();
         let mut batch = TunBatch::new();
+        let mut idle = IdlePoll::new(self.idle_poll, self.poll_state.clone(), 1);
         while !self.stop.load(Ordering::Relaxed) {
-            let n = match rx.recv(fd) {
+            let n = match rx.recv(fd, false) {
                 Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing queued: poll, then sleep until something is.
+                    if let Err(e) = idle.wait_readable(fd, POLL_INTERVAL, &self.stop) {
+                        tracing::error!(tun = %self.tun_name, error = %e, "poll on the UDP socket failed");
+                        std::thread::sleep(POLL_INTERVAL);
+                    }
+                    continue;
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // E.g. ECONNREFUSED from an ICMP error on an earlier send: not fatal.
                     tracing::debug!(tun = %self.tun_name, error = %e, "UDP receive error");

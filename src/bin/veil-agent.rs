@@ -55,6 +55,12 @@ struct Args {
     /// MTU of the TUN device (underlay MTU minus 80).
     #[arg(long, env = "VEIL_MTU", default_value_t = DEFAULT_MTU)]
     mtu: u16,
+    /// Longest time, in µs, an engine packet thread polls for the next packet
+    /// before it sleeps; the window adapts and costs nothing on an idle link
+    /// or a busy CPU (see ARCHITECTURE.md). 0 turns polling off.
+    #[arg(long, env = "VEIL_IDLE_POLL_US", default_value_t = veil::wireguard::DEFAULT_IDLE_POLL_US,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    idle_poll_us: u64,
     /// Full resync period in milliseconds, on top of change notifications.
     #[arg(long, env = "VEIL_RESYNC_MS", default_value_t = 2000)]
     resync_ms: u64,
@@ -169,6 +175,7 @@ fn main() -> ExitCode {
         tun_name: args.tun_name,
         listen_port: args.listen_port,
         mtu: args.mtu,
+        idle_poll: Duration::from_micros(args.idle_poll_us),
         resync: Duration::from_millis(args.resync_ms.max(100)),
         authority_public_key: args.authority_public_key,
         auto_approve_with: args.auto_approve_with,

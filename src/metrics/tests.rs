@@ -20,6 +20,12 @@ fn sample() -> Snapshot {
             dropped_no_peer: 3,
             dropped_invalid: 4,
             tun_rx_packets: 10,
+            idle_poll: crate::wireguard::idle_poll::Stats {
+                caught: 12,
+                slept: 30,
+                preempted: 1,
+                polled: Duration::from_millis(250),
+            },
             ..EngineCounters::default()
         },
         reconcile_errors: 2,
@@ -95,6 +101,9 @@ fn renders_every_metric_with_its_labels_and_value() {
             "41",
         ),
         ("veil_engine_packets_total{path=\"tun_rx\"}", "10"),
+        ("veil_engine_idle_polls_total{outcome=\"caught\"}", "12"),
+        ("veil_engine_idle_polls_total{outcome=\"preempted\"}", "1"),
+        ("veil_engine_idle_poll_seconds_total", "0.25"),
         ("veil_reconcile_errors_total", "2"),
         ("veil_diagnostics", "5"),
         ("veil_key_generation", "7"),

@@ -319,10 +319,11 @@ impl RecvMmsg {
         }
     }
 
-    /// One `recvmmsg` with `MSG_WAITFORONE`: waits (up to the socket's
-    /// `SO_RCVTIMEO`) for the first message, then takes only what is already
+    /// One `recvmmsg` with `MSG_WAITFORONE`: with `wait`, waits (up to the
+    /// socket's `SO_RCVTIMEO`) for the first message, without it fails with
+    /// `WouldBlock` when none is queued; then takes only what is already
     /// queued. Returns how many messages [`RecvMmsg::message`] can read.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    pub fn recv(&mut self, fd: RawFd, wait: bool) -> io::Result<usize> {
         self.filled = 0;
         for (i, chunk) in self.buf.chunks_mut(RX_BUF).enumerate().take(RX_MSGS) {
             self.iovs[i] = libc::iovec {
@@ -344,13 +345,13 @@ impl RecvMmsg {
         // SAFETY: every header points at live, writable buffers of the stated
         // sizes owned by `self` for the duration of the call; a null timeout
         // is allowed (recvmmsg(2); its timeout is unreliable, SO_RCVTIMEO bounds
-        // the wait for the first message instead).
+        // a waiting receive instead).
         let rc = unsafe {
             libc::recvmmsg(
                 fd,
                 self.hdrs.as_mut_ptr(),
                 RX_MSGS as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                libc::MSG_WAITFORONE | if wait { 0 } else { libc::MSG_DONTWAIT },
                 std::ptr::null_mut(),
             )
         };
@@ -546,7 +547,7 @@ mod tests {
         let mut got = Vec::new();
         let mut sizes = Vec::new();
         while got.len() < data.len() {
-            let n = r.recv(rx.as_raw_fd()).unwrap();
+            let n = r.recv(rx.as_raw_fd(), true).unwrap();
             assert!(n >= 1);
             for i in 0..n {
                 let (bytes, from, seg) = r.message(i).unwrap();
