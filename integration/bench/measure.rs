@@ -46,6 +46,8 @@ pub struct Sample {
     /// Request/response round-trip time percentiles, µs.
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Request/response: round trips made.
+    pub round_trips: u64,
     /// CPU seconds during the run: all CPUs (busy time in /proc/stat), and the
     /// engine processes' own utime + stime.
     pub system_cpu_s: f64,
@@ -340,6 +342,7 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
             let (p50, p99) = parse_rr(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
             s.p50_us = p50;
             s.p99_us = p99;
+            s.round_trips = u64::from(rr_count);
         }
     }
     s

@@ -42,20 +42,26 @@ impl ConfigResults {
 
     /// CPU seconds per GB received over all TCP runs: (system, engine).
     fn cpu_per_gb(&self) -> (f64, f64) {
-        let tcp = self
-            .samples
-            .iter()
-            .filter(|(f, _)| matches!(f, Figure::Tcp(_)))
-            .map(|(_, s)| s);
-        let (mut sys, mut eng, mut bytes) = (0.0, 0.0, 0u64);
-        for s in tcp {
+        self.cpu_per(|f| matches!(f, Figure::Tcp(_)), |s| s.bytes as f64 / 1e9)
+    }
+
+    /// CPU µs per round trip over all request/response runs: (system, engine).
+    fn cpu_per_round_trip(&self) -> (f64, f64) {
+        let (sys, eng) = self.cpu_per(|f| f == Figure::Rr, |s| s.round_trips as f64);
+        (sys * 1e6, eng * 1e6)
+    }
+
+    /// CPU seconds per unit (`units` of a sample) over the runs of the
+    /// figures `pick` selects: (system, engine).
+    fn cpu_per(&self, pick: impl Fn(Figure) -> bool, units: impl Fn(&Sample) -> f64) -> (f64, f64) {
+        let (mut sys, mut eng, mut n) = (0.0, 0.0, 0.0);
+        for (_, s) in self.samples.iter().filter(|(f, _)| pick(*f)) {
             sys += s.system_cpu_s;
             eng += s.engine_cpu_s;
-            bytes += s.bytes;
+            n += units(s);
         }
-        let gb = bytes as f64 / 1e9;
-        if gb > 0.0 {
-            (sys / gb, eng / gb)
+        if n > 0.0 {
+            (sys / n, eng / n)
         } else {
             (f64::NAN, f64::NAN)
         }
@@ -146,6 +152,13 @@ pub fn render(
         decimals: 1,
         notes: Vec::new(),
     });
+    // Engine CPU: none for plain routing (no engine process).
+    let engine_only = |v: Vec<f64>| -> Vec<f64> {
+        v.into_iter()
+            .zip(kinds)
+            .map(|(x, k)| if *k == Kind::Plain { f64::NAN } else { x })
+            .collect()
+    };
     rows.push(Row {
         name: "CPU s/GB, system (TCP runs)".into(),
         values: results.iter().map(|r| r.cpu_per_gb().0).collect(),
@@ -154,18 +167,20 @@ pub fn render(
     });
     rows.push(Row {
         name: "CPU s/GB, engine process".into(),
-        values: results
-            .iter()
-            .zip(kinds)
-            .map(|(r, k)| {
-                if *k == Kind::Plain {
-                    f64::NAN
-                } else {
-                    r.cpu_per_gb().1
-                }
-            })
-            .collect(),
+        values: engine_only(results.iter().map(|r| r.cpu_per_gb().1).collect()),
         decimals: 2,
+        notes: Vec::new(),
+    });
+    rows.push(Row {
+        name: "CPU µs per round trip, system (RR runs)".into(),
+        values: results.iter().map(|r| r.cpu_per_round_trip().0).collect(),
+        decimals: 0,
+        notes: Vec::new(),
+    });
+    rows.push(Row {
+        name: "CPU µs per round trip, engine process".into(),
+        values: engine_only(results.iter().map(|r| r.cpu_per_round_trip().1).collect()),
+        decimals: 0,
         notes: Vec::new(),
     });
     rows.push(Row {
@@ -344,7 +359,10 @@ pub fn render(
          round trips on one TCP connection, Nagle off. CPU s/GB: busy time of all CPUs \
          (/proc/stat, so it includes iperf3 and anything else running) and utime+stime of \
          both nodes' engine processes (/proc/PID/stat), summed over the TCP runs, per GB \
-         received. Engine peak RSS: the larger VmHWM of the two engines after all runs."
+         received; CPU µs per round trip: the same over the RR runs, per round trip (Veil's \
+         packet threads poll briefly before they sleep, which is most of its engine CPU \
+         there: ARCHITECTURE.md \"Idle polling\"). Engine peak RSS: the larger VmHWM of \
+         the two engines after all runs."
     );
     md
 }

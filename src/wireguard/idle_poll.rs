@@ -33,6 +33,12 @@ const START: Duration = Duration::from_micros(25);
 const PREEMPT_GAP: Duration = Duration::from_micros(200);
 /// How long polling stays off after the thread was preempted while polling.
 const COOLDOWN: Duration = Duration::from_millis(10);
+/// Polling is audited after this much of it: if it cost more than the bound
+/// per caught packet, most polls ran out without catching anything (packets
+/// come irregularly, e.g. from a sender that is itself short of CPU), and
+/// polling stays off for [`WASTE_COOLDOWN`].
+const AUDIT: Duration = Duration::from_millis(2);
+const WASTE_COOLDOWN: Duration = Duration::from_millis(100);
 /// Period over which a thread's busy share is measured and published.
 const LOAD_PERIOD: Duration = Duration::from_millis(1);
 /// Above this busy share (percent) of either packet thread the engine is
@@ -43,8 +49,8 @@ const BUSY_PERCENT: u8 = 50;
 /// How one wait ended, for the window's adaptation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The descriptor became readable while polling.
-    Caught,
+    /// The descriptor became readable after `polled` of polling.
+    Caught { polled: Duration },
     /// Polling (of `polled`, possibly zero) found nothing; the thread then
     /// slept for `slept` before the descriptor became readable or the sleep
     /// timed out.
@@ -123,6 +129,9 @@ pub struct IdlePoll {
     busy: Duration,
     /// Not yet published to `shared`.
     stats: Stats,
+    /// Polling time and catches since the last audit ([`AUDIT`]).
+    audit_polled: Duration,
+    audit_caught: u32,
 }
 
 impl IdlePoll {
@@ -139,6 +148,8 @@ impl IdlePoll {
             period_start: Instant::now(),
             busy: Duration::ZERO,
             stats: Stats::default(),
+            audit_polled: Duration::ZERO,
+            audit_caught: 0,
         }
     }
 
@@ -155,10 +166,18 @@ impl IdlePoll {
     pub fn record(&mut self, outcome: Outcome, now: Instant) {
         match outcome {
             // The window fitted: keep it.
-            Outcome::Caught => self.stats.caught += 1,
+            Outcome::Caught { polled } => {
+                self.stats.caught += 1;
+                self.audit_caught += 1;
+                self.audit(polled, now);
+            }
             Outcome::Slept { polled, slept } => {
                 self.stats.slept += 1;
-                if polled + slept <= self.max {
+                self.audit(polled, now);
+                if self.off_until.is_some_and(|t| now < t) {
+                    // Off: start again from the bottom afterwards.
+                    self.window = Duration::ZERO;
+                } else if polled + slept <= self.max {
                     // A longer window would have caught it.
                     self.window = (self.window * 2).clamp(START, self.max);
                 } else if self.window / 2 >= START {
@@ -173,6 +192,20 @@ impl IdlePoll {
                 self.off_until = Some(now + COOLDOWN);
             }
         }
+    }
+
+    /// Turns polling off for a while when it has not been paying for itself.
+    fn audit(&mut self, polled: Duration, now: Instant) {
+        self.audit_polled += polled;
+        if self.audit_polled < AUDIT {
+            return;
+        }
+        if self.audit_polled > self.max * self.audit_caught.max(1) {
+            self.window = Duration::ZERO;
+            self.off_until = Some(now + WASTE_COOLDOWN);
+        }
+        self.audit_polled = Duration::ZERO;
+        self.audit_caught = 0;
     }
 
     /// Waits until `fd` is readable, polling first for the current window and
@@ -219,7 +252,7 @@ impl IdlePoll {
                 polled = now - start;
                 if ready {
                     self.stats.polled += polled;
-                    self.record(Outcome::Caught, now);
+                    self.record(Outcome::Caught { polled }, now);
                     return Ok(true);
                 }
                 if now - last > PREEMPT_GAP {
@@ -279,7 +312,7 @@ mod tests {
             seen.push(p.window(t).as_micros());
         }
         assert_eq!(seen, [25, 50, 100, 200, 200], "doubles up to the bound");
-        p.record(Outcome::Caught, t);
+        p.record(Outcome::Caught { polled: us(120) }, t);
         assert_eq!(p.window(t), MAX);
     }
 
@@ -297,6 +330,33 @@ mod tests {
             seen.push(p.window(t).as_micros());
         }
         assert_eq!(seen, [100, 50, 25, 0, 0]);
+    }
+
+    #[test]
+    fn polling_that_rarely_catches_turns_off() {
+        let mut p = IdlePoll::new(MAX, Arc::default(), 0);
+        let t = Instant::now();
+        for _ in 0..4 {
+            p.record(slept(0, 10), t);
+        }
+        // Paying: every poll catches its packet after 150 µs, for 4 ms.
+        for _ in 0..30 {
+            p.record(Outcome::Caught { polled: us(150) }, t);
+        }
+        assert_eq!(p.window(t), MAX);
+        // Wasting: 1 catch in 10 polls, the others run out at the bound and
+        // their packet comes just after (which alone would keep the window).
+        for i in 0..10 {
+            if i == 5 {
+                p.record(Outcome::Caught { polled: us(100) }, t);
+            } else {
+                p.record(slept(200, 0), t);
+            }
+        }
+        assert_eq!(p.window(t), Duration::ZERO);
+        assert_eq!(p.window(t + WASTE_COOLDOWN - us(1)), Duration::ZERO);
+        p.record(slept(0, 10), t + WASTE_COOLDOWN);
+        assert_eq!(p.window(t + WASTE_COOLDOWN), START);
     }
 
     #[test]
@@ -340,19 +400,29 @@ mod tests {
         // Work (here: sleeping outside the wait) between immediate waits.
         for _ in 0..3 {
             a.send(b"x").unwrap();
-            assert!(p.wait_readable(b.as_raw_fd(), Duration::from_secs(1), &stop).unwrap());
+            assert!(p
+                .wait_readable(b.as_raw_fd(), Duration::from_secs(1), &stop)
+                .unwrap());
             b.recv(&mut buf).unwrap();
             std::thread::sleep(Duration::from_millis(2));
         }
         a.send(b"x").unwrap();
-        assert!(p.wait_readable(b.as_raw_fd(), Duration::from_secs(1), &stop).unwrap());
+        assert!(p
+            .wait_readable(b.as_raw_fd(), Duration::from_secs(1), &stop)
+            .unwrap());
         b.recv(&mut buf).unwrap();
         assert!(shared.load[1].load(Ordering::Relaxed) > BUSY_PERCENT);
         // Then a long wait with nothing to do.
-        assert!(!p.wait_readable(b.as_raw_fd(), Duration::from_millis(5), &stop).unwrap());
+        assert!(!p
+            .wait_readable(b.as_raw_fd(), Duration::from_millis(5), &stop)
+            .unwrap());
         assert!(shared.load[1].load(Ordering::Relaxed) < BUSY_PERCENT);
         let st = shared.stats();
-        assert_eq!(st.caught + st.slept + st.preempted, 5, "every wait counted: {st:?}");
+        assert_eq!(
+            st.caught + st.slept + st.preempted,
+            5,
+            "every wait counted: {st:?}"
+        );
     }
 
     #[test]
