@@ -31,6 +31,12 @@ pub enum Error {
     /// The state does not allow the operation; says what to do instead.
     #[error("{0}")]
     Refused(String),
+    #[error("node name {node:?}: {source}")]
+    InvalidNodeName {
+        node: String,
+        #[source]
+        source: keymgr::TrustError,
+    },
     #[error("certifying node {node}: {source}")]
     Certify {
         node: String,
@@ -218,7 +224,7 @@ impl Store {
         // Every target is checked before the first request is written.
         let mut plan = Vec::new();
         for t in &targets {
-            keymgr::validate_node_name(t).map_err(|source| Error::Certify {
+            keymgr::validate_node_name(t).map_err(|source| Error::InvalidNodeName {
                 node: t.clone(),
                 source,
             })?;
@@ -370,6 +376,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ext is not a Veil node"), "{e}");
+        let e = store
+            .request_rotations(Some(&["Bad/Name".to_string()]))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("node name \"Bad/Name\": "), "{e}");
 
         // A request already at the top of the range is refused, not overflowed.
         trust::write_rotation(tmp.path(), "n1", u64::MAX).unwrap();
