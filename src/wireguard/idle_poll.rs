@@ -293,6 +293,16 @@ mod tests {
         Duration::from_micros(n)
     }
 
+    /// A window grown to [`MAX`] by short waits.
+    fn grown(shared: Arc<PollState>) -> (IdlePoll, Instant) {
+        let mut p = IdlePoll::new(MAX, shared, 0);
+        let t = Instant::now();
+        for _ in 0..4 {
+            p.record(slept(0, 10), t);
+        }
+        (p, t)
+    }
+
     fn slept(polled: u64, slept: u64) -> Outcome {
         Outcome::Slept {
             polled: us(polled),
@@ -318,11 +328,7 @@ mod tests {
 
     #[test]
     fn shrinks_to_zero_on_an_idle_link() {
-        let mut p = IdlePoll::new(MAX, Arc::default(), 0);
-        let t = Instant::now();
-        for _ in 0..4 {
-            p.record(slept(0, 10), t);
-        }
+        let (mut p, t) = grown(Arc::default());
         assert_eq!(p.window(t), MAX);
         let mut seen = Vec::new();
         for _ in 0..5 {
@@ -334,11 +340,7 @@ mod tests {
 
     #[test]
     fn polling_that_rarely_catches_turns_off() {
-        let mut p = IdlePoll::new(MAX, Arc::default(), 0);
-        let t = Instant::now();
-        for _ in 0..4 {
-            p.record(slept(0, 10), t);
-        }
+        let (mut p, t) = grown(Arc::default());
         // Paying: every poll catches its packet after 150 µs, for 4 ms.
         for _ in 0..30 {
             p.record(Outcome::Caught { polled: us(150) }, t);
@@ -361,11 +363,7 @@ mod tests {
 
     #[test]
     fn preemption_turns_polling_off_for_the_cooldown() {
-        let mut p = IdlePoll::new(MAX, Arc::default(), 0);
-        let t = Instant::now();
-        for _ in 0..4 {
-            p.record(slept(0, 10), t);
-        }
+        let (mut p, t) = grown(Arc::default());
         p.record(Outcome::Preempted, t);
         assert_eq!(p.window(t), Duration::ZERO);
         assert_eq!(p.window(t + COOLDOWN - us(1)), Duration::ZERO);
@@ -377,11 +375,7 @@ mod tests {
     #[test]
     fn a_busy_packet_thread_turns_polling_off_for_both() {
         let shared = Arc::new(PollState::default());
-        let mut p = IdlePoll::new(MAX, shared.clone(), 0);
-        let t = Instant::now();
-        for _ in 0..4 {
-            p.record(slept(0, 10), t);
-        }
+        let (p, t) = grown(shared.clone());
         assert_eq!(p.window(t), MAX);
         // The other thread published that it is busy 80 % of the time.
         shared.load[1].store(80, Ordering::Relaxed);
