@@ -322,7 +322,7 @@ pub fn render(s: &Snapshot) -> String {
     polled.inc_by(p.polled.as_secs_f64());
     r.register(
         "engine_idle_poll_seconds",
-        "CPU time the engine's packet threads spent polling for the next packet instead of sleeping.",
+        "Time the engine's packet threads spent polling for the next packet instead of sleeping (yielding to any other runnable task).",
         polled,
     );
 

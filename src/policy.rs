@@ -1,6 +1,6 @@
 //! Identity-based policy: `networking.k8s.io/v1 NetworkPolicy` and
 //! `veil.dev/v1alpha1 VeilPolicy`, validated into one model ([`Policy`]) and
-//! compiled ([`compile`]) into the entries of the BPF policy map.
+//! compiled ([`compile()`]) into the entries of the BPF policy map.
 //!
 //! Everything here is pure: objects and identities in, map entries out.
 //!

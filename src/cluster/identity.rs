@@ -5,7 +5,7 @@
 //! names are unique in a store, so creating the object with create-if-absent
 //! semantics (an `O_EXCL`-like link in the file source, a POST that may fail
 //! with 409 in the API) is a compare-and-swap every agent can race on safely.
-//! See [`crate::identity::probe`] for how agents pick the candidate number.
+//! See [`crate::identity::candidate`] for how agents pick the candidate number.
 
 use std::collections::BTreeMap;
 

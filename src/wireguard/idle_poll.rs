@@ -9,15 +9,22 @@
 //! descriptor for a short while before it sleeps keeps its vCPU awake and
 //! takes the next packet without any wakeup.
 //!
-//! Polling must cost nothing when it cannot pay off, so the window adapts per
-//! thread, like the kernel's cpuidle haltpoll governor: it grows while the
-//! thread's waits end within the bound (a steady exchange of packets), shrinks
-//! when they are longer (an idle link: no CPU is burnt waiting for traffic
-//! that does not come), and drops to zero for [`COOLDOWN`] as soon as the
-//! thread was preempted while polling. Each turn of the loop yields the CPU
-//! (`sched_yield`), so anything runnable on this CPU runs first, and the
-//! preemption this causes ends the polling: the poll only ever uses CPU time
-//! that nothing else wanted.
+//! Polling must cost nothing when it cannot pay off, so four rules bound it:
+//! - the window adapts per thread, like the kernel's cpuidle haltpoll
+//!   governor: it grows while the thread's waits end within the bound (a
+//!   steady exchange of packets) and shrinks when they are longer (an idle
+//!   link: no CPU is burnt waiting for traffic that does not come);
+//! - each turn of the loop yields the CPU (`sched_yield`), so anything
+//!   runnable on this CPU runs first, and a turn that comes back late means
+//!   the thread was preempted: polling stops for `COOLDOWN`;
+//! - either packet thread busy more than `BUSY_PERCENT` of the time turns
+//!   polling off for both: the engine is throughput-bound, its CPUs are awake
+//!   anyway and a wakeup is cheap;
+//! - an audit after every `AUDIT` of polling turns it off for
+//!   `WASTE_COOLDOWN` when it cost more than the bound per packet caught.
+//!
+//! Together they keep polling to CPU time that, as far as the engine can tell,
+//! nothing else wants. Measurements: ARCHITECTURE.md, "Idle polling".
 
 use std::io;
 use std::os::fd::RawFd;
@@ -60,7 +67,7 @@ pub enum Outcome {
 }
 
 /// What the engine's two packet threads share about polling: each one's busy
-/// share, in percent of the last [`LOAD_PERIOD`] in which it waited at least
+/// share, in percent of the last `LOAD_PERIOD` in which it waited at least
 /// once, and their [`Stats`] (published once per period).
 #[derive(Debug, Default)]
 pub struct PollState {
@@ -109,7 +116,8 @@ pub struct Stats {
     pub slept: u64,
     /// ... and polls ended because the thread lost its CPU.
     pub preempted: u64,
-    /// Time spent polling.
+    /// Wall time spent polling (other tasks get the CPU in between, see the
+    /// module docs).
     pub polled: Duration,
 }
 

@@ -141,7 +141,7 @@ fn typed<T: DeserializeOwned>(obj: &DynamicObject, object: &str) -> Result<T, Er
     })
 }
 
-/// One list of every kind the agents watch ([`Kind::ALL`], in that order),
+/// One list of every kind the agents watch (`Kind::ALL`, in that order),
 /// converted as the kube source converts them, so `veilctl` computes from
 /// exactly what an agent would see (`status`, `policy trace`, and the checks
 /// before `node approve`, `keys rotate` and `peer add`). Objects that do not
