@@ -285,7 +285,7 @@ impl Object {
             Object::Node(n) => format!("Node/{}", n.name),
             Object::Pod(p) => format!("Pod/{}/{}", p.namespace, p.name),
             Object::Namespace(n) => format!("Namespace/{}", n.name),
-            Object::Announcement(a) => format!("VeilNode/{}", a.node),
+            Object::Announcement(a) => objects::VeilNode::object_ref(&a.node),
             Object::Config(_) => format!("VeilClusterConfig/{}", objects::CLUSTER_CONFIG_NAME),
             Object::Policy(p) => p.id.to_string(),
             Object::Identity(i) => identity::PublishedIdentity::object_ref(i.id),

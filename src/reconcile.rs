@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::cluster::objects::VeilNode;
 use crate::cluster::{Announcement, ClusterState, Diagnostic, PublicKey};
 use crate::identity::{Identity, Published};
 
@@ -268,7 +269,7 @@ fn peers(
         if name == node {
             continue;
         }
-        let object = format!("VeilNode/{name}");
+        let object = VeilNode::object_ref(name);
         match verify_announcement(state, name, ann, trust) {
             Ok(a) => {
                 accepted_out.insert(name.clone(), a);
@@ -300,7 +301,7 @@ fn peers(
         if names.len() > 1 {
             for name in names {
                 diags.push(
-                    format!("VeilNode/{name}"),
+                    VeilNode::object_ref(name),
                     format!(
                         "public key {key} is announced by {} nodes ({}); none of them gets a peer until each has its own key",
                         names.len(),
@@ -315,7 +316,7 @@ fn peers(
         if name == node {
             continue;
         }
-        let object = format!("VeilNode/{name}");
+        let object = VeilNode::object_ref(name);
         let Some(acc) = accepted_out.get(name) else {
             if d.encryption_enabled && !state.announcements.contains_key(name) {
                 diags.push(
@@ -395,7 +396,7 @@ fn peers(
         {
             continue;
         }
-        let object = format!("VeilNode/{name}");
+        let object = VeilNode::object_ref(name);
         if by_key.get(&acc.public_key).is_some_and(|n| n.len() > 1) {
             continue;
         }
@@ -421,7 +422,7 @@ fn peers(
                         .iter()
                         .map(|c| (c, format!("Node/{node}"))),
                 )
-                .chain(taken.iter().map(|(c, n)| (c, format!("VeilNode/{n}"))))
+                .chain(taken.iter().map(|(c, n)| (c, VeilNode::object_ref(n))))
                 .find(|(c, _)| overlaps(c, cidr));
             if let Some((c, owner)) = clash {
                 diags.push(

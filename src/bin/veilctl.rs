@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use veil::cluster::file::FileSource;
 use veil::cluster::objects::{
-    VeilClusterConfig, VeilClusterConfigSpec, CLUSTER_CONFIG_NAME, VEIL_API_VERSION,
+    VeilClusterConfig, VeilClusterConfigSpec, VeilNode, CLUSTER_CONFIG_NAME, VEIL_API_VERSION,
 };
 use veil::cluster::store::{veil_nodes, Error as StoreError, Store};
 use veil::cluster::trust as files;
@@ -321,14 +321,15 @@ fn print_status(
         let authority = read_authority(path)?;
         for (name, verdict) in verdicts(state, &authority) {
             if let Err(reason) = verdict {
+                let object = VeilNode::object_ref(&name);
                 let source = state
                     .origins
-                    .get(&format!("VeilNode/{name}"))
+                    .get(&object)
                     .cloned()
                     .unwrap_or_else(|| "reconcile".into());
                 diags.push(veil::cluster::Diagnostic {
                     source,
-                    object: format!("VeilNode/{name}"),
+                    object,
                     problem: format!("rejected: {reason}"),
                 });
             }

@@ -673,7 +673,7 @@ impl KubeSource {
     pub async fn publish_announcement(&self, a: &Announcement) -> Result<(), Error> {
         check_name(&a.node)?;
         let body = serde_json::to_value(VeilNode::from(a)).map_err(|source| Error::Serialize {
-            object: format!("{}/{}", VeilNode::KIND, a.node),
+            object: VeilNode::object_ref(&a.node),
             what: "announcement",
             source,
         })?;

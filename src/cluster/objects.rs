@@ -336,6 +336,11 @@ impl VeilNode {
     pub const API_VERSION: &'static str = VEIL_API_VERSION;
     pub const KIND: &'static str = "VeilNode";
 
+    /// `VeilNode/<node>`, as diagnostics and origins name it.
+    pub fn object_ref(node: &str) -> String {
+        format!("{}/{node}", Self::KIND)
+    }
+
     pub fn new(name: &str, spec: VeilNodeSpec) -> Self {
         Self {
             api_version: Self::API_VERSION.into(),

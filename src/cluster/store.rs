@@ -150,7 +150,7 @@ impl Store {
             }
             Store::Kube(client) => {
                 super::kube::ctl::apply_announcement(client, a).await?;
-                Ok(format!("{}/{}", super::objects::VeilNode::KIND, a.node))
+                Ok(super::objects::VeilNode::object_ref(&a.node))
             }
         }
     }
@@ -171,7 +171,7 @@ impl Store {
             source,
         })?;
         let (state, _) = self.load().await?;
-        let object = format!("VeilNode/{name}");
+        let object = super::objects::VeilNode::object_ref(name);
         let origin = state.origins.get(&object).cloned();
         let ann = state.announcements.get(name).ok_or_else(|| {
             Error::Refused(format!(

@@ -292,7 +292,7 @@ pub async fn apply_rotation(client: &Client, node: &str, generation: u64) -> Res
 /// announcement, signed by the authority). Its spec only: an external peer
 /// reports no status.
 pub async fn apply_announcement(client: &Client, a: &Announcement) -> Result<(), Error> {
-    let object = format!("{}/{}", VeilNode::KIND, a.node);
+    let object = VeilNode::object_ref(&a.node);
     let mut body = to_json(object, &VeilNode::from(a))?;
     if let Some(map) = body.as_object_mut() {
         map.remove("status");
