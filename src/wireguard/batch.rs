@@ -207,18 +207,26 @@ impl Default for SendMmsg {
     }
 }
 
+/// `n` all-zero values.
+///
+/// # Safety
+/// All-zero bytes must be a valid `T` (a plain C struct of integers and raw
+/// pointers, like `mmsghdr`).
+unsafe fn zeroed<T>(n: usize) -> Vec<T> {
+    // SAFETY: the caller guarantees that all-zero is a valid `T`.
+    (0..n)
+        .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+        .collect()
+}
+
 impl SendMmsg {
     pub fn new() -> SendMmsg {
         SendMmsg {
             // SAFETY: mmsghdr/iovec are plain C structs of integers and raw
             // pointers; all-zero is a valid (empty) value of each.
-            hdrs: (0..MAX_MSGS)
-                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
-                .collect(),
+            hdrs: unsafe { zeroed(MAX_MSGS) },
             // SAFETY: as above.
-            iovs: (0..MAX_MSGS)
-                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
-                .collect(),
+            iovs: unsafe { zeroed(MAX_MSGS) },
             names: Vec::with_capacity(MAX_MSGS),
             cmsgs: (0..MAX_MSGS).map(|_| CmsgBuf::new()).collect(),
         }
@@ -303,17 +311,11 @@ impl RecvMmsg {
         RecvMmsg {
             buf: vec![0; RX_MSGS * RX_BUF],
             // SAFETY: plain C structs; all-zero is valid for each.
-            hdrs: (0..RX_MSGS)
-                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
-                .collect(),
+            hdrs: unsafe { zeroed(RX_MSGS) },
             // SAFETY: as above.
-            iovs: (0..RX_MSGS)
-                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
-                .collect(),
+            iovs: unsafe { zeroed(RX_MSGS) },
             // SAFETY: as above.
-            names: (0..RX_MSGS)
-                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
-                .collect(),
+            names: unsafe { zeroed(RX_MSGS) },
             cmsgs: (0..RX_MSGS).map(|_| CmsgBuf::new()).collect(),
             filled: 0,
         }
