@@ -342,6 +342,8 @@ struct Counters {
     tun_tx_packets: AtomicU64,
     udp_rx_datagrams: AtomicU64,
     udp_tx_datagrams: AtomicU64,
+    /// Shared with the packet threads, which publish their polling there.
+    idle_poll: Arc<PollState>,
 }
 
 fn bump(c: &AtomicU64) {
@@ -366,7 +368,7 @@ impl Counters {
             tun_tx_packets: l(&self.tun_tx_packets),
             udp_rx_datagrams: l(&self.udp_rx_datagrams),
             udp_tx_datagrams: l(&self.udp_tx_datagrams),
-            idle_poll: idle_poll::Stats::default(),
+            idle_poll: self.idle_poll.stats(),
         }
     }
 }
@@ -700,7 +702,6 @@ struct Shared {
     /// Initiations from keys that are not peers yet (see module docs).
     held: Mutex<rotation::HeldInitiations<HeldInitiation>>,
     idle_poll: Duration,
-    poll_state: Arc<PollState>,
     stop: AtomicBool,
 }
 
@@ -969,7 +970,6 @@ impl Engine {
             counters: Counters::default(),
             held: Mutex::new(rotation::HeldInitiations::default()),
             idle_poll: cfg.idle_poll,
-            poll_state: Arc::default(),
             stop: AtomicBool::new(false),
         });
         let mut engine = Engine {
@@ -1289,10 +1289,7 @@ impl Engine {
     }
 
     pub fn counters(&self) -> EngineCounters {
-        EngineCounters {
-            idle_poll: self.shared.poll_state.stats(),
-            ..self.shared.counters.snapshot()
-        }
+        self.shared.counters.snapshot()
     }
 
     /// Whether every engine thread is still running. The threads loop until
@@ -1455,7 +1452,7 @@ impl Shared {
         let mut sizes = vec![0usize; TX_SLOTS];
         let mut tx = batch::TxQueue::new(OUT_BUF, TX_SLOTS);
         let fd = self.tun.as_raw_fd();
-        let mut idle = IdlePoll::new(self.idle_poll, self.poll_state.clone(), 0);
+        let mut idle = IdlePoll::new(self.idle_poll, self.counters.idle_poll.clone(), 0);
         // Whether the last drain stopped at its bound with packets still queued.
         let mut more = false;
         while !self.stop.load(Ordering::Relaxed) {
@@ -1616,7 +1613,7 @@ impl Shared {
         // UDP_GRO each is a run of datagrams from one sender.
         let mut rx = batch::RecvMmsg::new();
         let mut batch = TunBatch::new();
-        let mut idle = IdlePoll::new(self.idle_poll, self.poll_state.clone(), 1);
+        let mut idle = IdlePoll::new(self.idle_poll, self.counters.idle_poll.clone(), 1);
         while !self.stop.load(Ordering::Relaxed) {
             let n = match rx.recv(fd, false) {
                 Ok(n) => n,
