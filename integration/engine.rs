@@ -82,6 +82,18 @@ fn start_engine(
     pod_ip: &str,
     remote_cidr: &str,
 ) -> Engine {
+    start_engine_with(ns, name, key, pod_ip, remote_cidr, 1)
+}
+
+/// [`start_engine`] with `queues` packet queues.
+fn start_engine_with(
+    ns: &Netns,
+    name: &str,
+    key: StaticSecret,
+    pod_ip: &str,
+    remote_cidr: &str,
+    queues: usize,
+) -> Engine {
     // A restart right after a shutdown can race the kernel's teardown of the
     // old device under heavy parallel load: poll with a deadline, and report
     // every failed attempt so a real error is never hidden.
@@ -94,6 +106,7 @@ fn start_engine(
             private_key: key.clone(),
             uapi_socket: Some(uapi_path(name)),
             idle_poll: Duration::from_micros(veil::wireguard::DEFAULT_IDLE_POLL_US),
+            queues,
         };
         match ns.run(move || Engine::start(cfg)) {
             Ok(e) => break e,
@@ -150,12 +163,20 @@ struct Pair {
 
 impl Pair {
     fn new(underlay_mtu: u16) -> Self {
+        Pair::with_queues(underlay_mtu, 1)
+    }
+
+    /// Engines with `queues` packet queues each.
+    fn with_queues(underlay_mtu: u16, queues: usize) -> Self {
         let prefix = unique_prefix();
         let (a, b) = underlay(&prefix, underlay_mtu);
         let (ka, kb) = (new_key(), new_key());
         let (name_a, name_b) = (format!("{prefix}a"), format!("{prefix}b"));
-        let ea = start_engine(&a, &name_a, ka.clone(), "10.244.1.1", "10.244.2.0/24");
-        let eb = start_engine(&b, &name_b, kb.clone(), "10.244.2.1", "10.244.1.0/24");
+        let start = |ns: &Netns, name: &str, key: &StaticSecret, pod: &str, remote: &str| {
+            start_engine_with(ns, name, key.clone(), pod, remote, queues)
+        };
+        let ea = start(&a, &name_a, &ka, "10.244.1.1", "10.244.2.0/24");
+        let eb = start(&b, &name_b, &kb, "10.244.2.1", "10.244.1.0/24");
         let pair = Pair {
             a,
             b,
@@ -527,9 +548,10 @@ fn interop_with_wireguard_go() {
     );
     tcp_transfer(&a, &b, 1 << 20);
 
-    // And the other direction of the handshake: we initiate towards wireguard-go.
+    // And the other direction of the handshake: we initiate towards
+    // wireguard-go, now with several packet queues.
     drop(ea);
-    let ea = start_engine(&a, &name_a, ka, "10.244.1.1", "10.244.2.0/24");
+    let ea = start_engine_with(&a, &name_a, ka, "10.244.1.1", "10.244.2.0/24", 3);
     ea.set_peers(vec![peer(kb_pub, Some(B_UNDERLAY), "10.244.2.0/24")]);
     assert!(
         wait_until(Duration::from_secs(3), || ping(&a, &["10.244.2.1"])),
@@ -538,6 +560,7 @@ fn interop_with_wireguard_go() {
     let show = wg(&["show", &name_g]);
     assert!(show.contains(&format!("peer: {ka_pub}")), "{show}");
     assert!(show.contains("latest handshake:"), "{show}");
+    tcp_transfer(&a, &b, 1 << 20);
 }
 
 fn handshake_time(e: &Engine) -> std::time::SystemTime {
@@ -630,6 +653,7 @@ fn start_errors_and_uapi_socket_hygiene() {
         private_key: new_key(),
         uapi_socket: uapi,
         idle_poll: Duration::ZERO,
+        queues: 1,
     };
     let c = cfg(&name, None);
     let err = ns.run(move || Engine::start(c).err().expect("duplicate TUN must fail"));
@@ -1309,18 +1333,13 @@ fn a_flood_of_unknown_initiations_is_bounded_and_answers_nobody() {
 /// TUN and sends in a few batched GSO/`sendmmsg` calls and the receiving one
 /// takes in with `recvmmsg`, arrives complete and in order: batching
 /// regroups packets by peer and must never reorder a flow.
-#[test]
-fn udp_bursts_cross_batched_in_order() {
+/// Sends `flows` UDP flows from A's pod to B's, interleaved in paced bursts
+/// (each flow its own source port, each datagram `[seq: u32, flow: u8]`),
+/// and returns the sequence numbers B received, per flow, in arrival order.
+fn udp_bursts(p: &Pair, flows: u8, per_flow: u32) -> Vec<Vec<u32>> {
     use socket2::{Domain, Socket, Type};
-    require_root();
-    let p = Pair::new(1500);
-    assert!(
-        wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])),
-        "ping A -> B through the tunnel never succeeded"
-    );
-    const BURSTS: u32 = 20;
-    const PER_BURST: u32 = 200;
-    const TOTAL: u32 = BURSTS * PER_BURST;
+    const PER_BURST: u32 = 10;
+    let total = usize::from(flows) * per_flow as usize;
     let rx = p.b.run(|| {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket in B");
         // Room for every datagram, so the receiver's pace cannot lose any.
@@ -1333,13 +1352,17 @@ fn udp_bursts_cross_batched_in_order() {
         u
     });
     let reader = std::thread::spawn(move || {
-        let mut seqs = Vec::with_capacity(TOTAL as usize);
-        let mut buf = [0u8; 256];
+        let mut seqs = vec![Vec::new(); usize::from(flows)];
+        let (mut got, mut buf) = (0, [0u8; 256]);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while seqs.len() < TOTAL as usize && Instant::now() < deadline {
+        while got < total && Instant::now() < deadline {
             match rx.recv(&mut buf) {
-                Ok(n) if n >= 4 => seqs.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]])),
-                Ok(_) => {}
+                Ok(n) if n >= 5 && buf[4] < flows => {
+                    seqs[usize::from(buf[4])]
+                        .push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                    got += 1;
+                }
+                Ok(n) => panic!("unexpected {n}-byte datagram in B: {:?}", &buf[..n.min(8)]),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -1350,27 +1373,86 @@ fn udp_bursts_cross_batched_in_order() {
         }
         seqs
     });
-    let sent_before = p.ea().counters().udp_tx_datagrams;
     p.a.run(move || {
-        let tx = UdpSocket::bind("10.244.1.1:0").expect("bind in A");
+        let txs: Vec<UdpSocket> = (0..flows)
+            .map(|_| UdpSocket::bind("10.244.1.1:0").expect("bind in A"))
+            .collect();
         let mut payload = [0x5au8; 64];
-        for burst in 0..BURSTS {
-            for i in 0..PER_BURST {
-                let seq = burst * PER_BURST + i;
-                payload[..4].copy_from_slice(&seq.to_be_bytes());
-                tx.send_to(&payload, "10.244.2.1:5002").expect("send in A");
+        for burst in 0..per_flow.div_ceil(PER_BURST) {
+            for (flow, tx) in txs.iter().enumerate() {
+                for seq in burst * PER_BURST..((burst + 1) * PER_BURST).min(per_flow) {
+                    payload[..4].copy_from_slice(&seq.to_be_bytes());
+                    payload[4] = flow as u8;
+                    tx.send_to(&payload, "10.244.2.1:5002").expect("send in A");
+                }
             }
-            // Bounded load: bursts of 200 (well within the TUN queue), paced.
+            // Bounded load: bursts well within the TUN queue, paced.
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let seqs = reader.join().expect("reader thread");
-    assert_eq!(seqs.len(), TOTAL as usize, "datagrams lost in the tunnel");
+    reader.join().expect("reader thread")
+}
+
+/// Every datagram of every flow arrived, each flow in the order it was sent.
+fn assert_complete_and_in_order(seqs: &[Vec<u32>], per_flow: u32) {
+    for (flow, got) in seqs.iter().enumerate() {
+        assert_eq!(
+            got.len(),
+            per_flow as usize,
+            "flow {flow}: datagrams lost in the tunnel"
+        );
+        assert!(
+            got.iter().enumerate().all(|(i, &s)| s == i as u32),
+            "flow {flow}: datagrams reordered, first misplaced at {:?}",
+            got.iter().enumerate().find(|(i, &s)| s != *i as u32)
+        );
+    }
+}
+
+#[test]
+fn udp_bursts_cross_batched_in_order() {
+    require_root();
+    let p = Pair::new(1500);
     assert!(
-        seqs.iter().enumerate().all(|(i, &s)| s == i as u32),
-        "datagrams reordered: first misplaced at {:?}",
-        seqs.iter().enumerate().find(|(i, &s)| s != *i as u32)
+        wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])),
+        "ping A -> B through the tunnel never succeeded"
     );
+    const TOTAL: u32 = 4000;
+    let sent_before = p.ea().counters().udp_tx_datagrams;
+    assert_complete_and_in_order(&udp_bursts(&p, 1, TOTAL), TOTAL);
     let sent = p.ea().counters().udp_tx_datagrams - sent_before;
     assert!(sent >= u64::from(TOTAL), "engine A sent {sent} datagrams");
+}
+
+/// Several packet queues: flows are encrypted by different threads (each
+/// queue carries a share of them), and every flow still arrives complete and
+/// in order, on UDP and TCP.
+#[test]
+fn queues_spread_flows_and_keep_each_in_order() {
+    require_root();
+    const QUEUES: usize = 3;
+    const FLOWS: u8 = 24;
+    const PER_FLOW: u32 = 300;
+    let p = Pair::with_queues(1500, QUEUES);
+    assert!(
+        wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])),
+        "ping A -> B through the tunnel never succeeded"
+    );
+    let before = p.ea().counters();
+    assert_complete_and_in_order(&udp_bursts(&p, FLOWS, PER_FLOW), PER_FLOW);
+    let after = p.ea().counters();
+    assert_eq!(after.queues.len(), QUEUES, "{after:?}");
+    // The kernel hashes each flow to a queue: with 24 flows over 3 queues,
+    // every queue gets some (all on two of them: p = 3 * (2/3)^24 < 2e-4).
+    for (q, (b, a)) in before.queues.iter().zip(&after.queues).enumerate() {
+        let read = a.tun_rx_packets - b.tun_rx_packets;
+        assert!(
+            read >= u64::from(PER_FLOW),
+            "queue {q} encrypted {read} packets, not even one flow: {after:?}"
+        );
+    }
+    let per_queue: u64 = after.queues.iter().map(|q| q.tun_rx_packets).sum();
+    assert_eq!(per_queue, after.tun_rx_packets, "{after:?}");
+    // TCP (data one way, ACKs the other) through several queues: intact.
+    tcp_transfer(&p.a, &p.b, 8 << 20);
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub mtu: u16,
     /// Bound of the engine threads' idle polling (`EngineConfig::idle_poll`).
     pub idle_poll: Duration,
+    /// Engine packet queues (`EngineConfig::queues`).
+    pub queues: usize,
     /// Full resync period, on top of change notifications.
     pub resync: Duration,
     /// File with the cluster authority's Ed25519 public key (the trust root).
@@ -153,6 +155,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         private_key: key.key.as_static_secret().clone(),
         uapi_socket: cfg.uapi_socket.clone(),
         idle_poll: cfg.idle_poll,
+        queues: cfg.queues,
     })
     .map_err(|source| Error::Engine {
         tun: cfg.tun_name.clone(),
@@ -1103,6 +1106,7 @@ mod tests {
             listen_port: 0,
             mtu: DEFAULT_MTU,
             idle_poll: Duration::ZERO,
+            queues: 1,
             resync: Duration::from_secs(1),
             authority_public_key: PathBuf::from("/nonexistent/authority.pub"),
             auto_approve_with: Some(PathBuf::from("/ca")),

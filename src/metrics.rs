@@ -303,6 +303,19 @@ pub fn render(s: &Snapshot) -> String {
             .inc_by(n);
     }
 
+    let queue_packets = counter_family(
+        &mut r,
+        "engine_queue_packets",
+        "Packets each engine packet queue carried (its own threads and cores): tun_rx read and encrypted, udp_rx received and decrypted.",
+    );
+    for (q, c) in e.queues.iter().enumerate() {
+        for (path, n) in [("tun_rx", c.tun_rx_packets), ("udp_rx", c.udp_rx_datagrams)] {
+            queue_packets
+                .get_or_create(&vec![("queue", q.to_string()), ("path", path.into())])
+                .inc_by(n);
+        }
+    }
+
     let polls = counter_family(
         &mut r,
         "engine_idle_polls",

@@ -20,7 +20,31 @@
 //!   (handshake retries, rekeying, keepalives) and resets the shared rate limiter.
 //! - **uapi** (optional): serves `wg show` on the standard Unix socket.
 //!
-//! Before the two packet threads sleep they poll their descriptor for an
+//! # Queues: packet work over several cores, each flow in order
+//! With [`EngineConfig::queues`] = N > 1 the two packet threads become N
+//! pairs, queue `q` owning one TUN queue (`IFF_MULTI_QUEUE`) and one UDP
+//! socket of an `SO_REUSEPORT` group on the listen port. The kernel spreads
+//! the work and keeps each flow on one queue:
+//! - **tun->udp**: the tun driver picks the queue of an outgoing packet by
+//!   its flow hash, so each flow is read, encrypted and sent by one thread,
+//!   in order, while different flows (to one peer or to many) are encrypted
+//!   on different cores. Two threads encrypting for the same peer take its
+//!   lock in turn: each takes its nonces (boringtun's counter) and seals
+//!   under it, so a flow's packets leave in nonce order.
+//! - The driver would also *learn* a flow's queue from the queue that writes
+//!   its replies and move the flow there, which can reorder it at the move
+//!   (tun.c: "a very small possibility of OOO during switching"). The
+//!   udp->tun threads therefore write through queues of their own that are
+//!   detached (`TUNSETQUEUE`/`IFF_DETACH_QUEUE`): the kernel accepts writes
+//!   on them, learns nothing from them and never reads into them, so a
+//!   flow's queue is fixed by its hash.
+//! - **udp->tun**: `SO_REUSEPORT` hands each datagram to the socket its
+//!   4-tuple hashes to, so a peer's datagrams are always decrypted by one
+//!   thread, in the order they arrived; different peers spread over the
+//!   queues. (One peer's inbound decryption stays on one core: boringtun's
+//!   `Tunn` decrypts under `&mut self`, see ARCHITECTURE.md.)
+//!
+//! Before the packet threads sleep they poll their descriptor for an
 //! adaptive window (see [`idle_poll`]): in a steady exchange of packets the
 //! next one is taken without a thread wakeup, which is most of the
 //! request/response latency the engine adds.
@@ -131,6 +155,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// own default for guest halt polling (`guest_halt_poll_ns`), which covers a
 /// round trip between two nodes of a cluster.
 pub const DEFAULT_IDLE_POLL_US: u64 = 200;
+/// Packet queues of the agent's engine unless configured (`--queues`).
+pub const DEFAULT_QUEUES: u16 = 1;
+/// Most packet queues an engine runs (two threads, two TUN queue descriptors
+/// and one socket each); the tun driver allows 256 queues.
+pub const MAX_QUEUES: usize = 64;
 /// Largest IP packet (the IPv4/IPv6 total-length fields are 16 bits).
 const MAX_PACKET: usize = 65_536;
 /// WireGuard data message overhead: type/reserved (4) + receiver (4) + counter (8) + tag (16).
@@ -245,10 +274,7 @@ pub enum Error {
     )]
     UapiInUse { path: PathBuf },
     #[error("cannot spawn engine thread {name}: {source}")]
-    Thread {
-        name: &'static str,
-        source: io::Error,
-    },
+    Thread { name: String, source: io::Error },
 }
 
 /// Static configuration of an engine.
@@ -265,6 +291,9 @@ pub struct EngineConfig {
     /// Longest a packet thread polls before it sleeps ([`idle_poll`]); zero
     /// never polls.
     pub idle_poll: Duration,
+    /// Packet queues (see "Queues" in the module docs); 0 counts as 1,
+    /// more than [`MAX_QUEUES`] as [`MAX_QUEUES`].
+    pub queues: usize,
 }
 
 /// Desired configuration of one peer (one remote node).
@@ -324,6 +353,17 @@ pub struct EngineCounters {
     pub udp_tx_datagrams: u64,
     /// The packet threads' polling before they sleep ([`idle_poll`]).
     pub idle_poll: idle_poll::Stats,
+    /// Per packet queue, in queue order (see [`EngineConfig::queues`]).
+    pub queues: Vec<QueueCounters>,
+}
+
+/// What one packet queue carried: which cores the work went to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Plaintext packets its tun->udp thread read (and encrypted).
+    pub tun_rx_packets: u64,
+    /// Datagrams its udp->tun thread received (and decrypted).
+    pub udp_rx_datagrams: u64,
 }
 
 #[derive(Default)]
@@ -344,6 +384,8 @@ struct Counters {
     udp_tx_datagrams: AtomicU64,
     /// Shared with the packet threads, which publish their polling there.
     idle_poll: Arc<PollState>,
+    /// Per queue: tun->udp packets read, udp->tun datagrams received.
+    queues: Box<[[AtomicU64; 2]]>,
 }
 
 fn bump(c: &AtomicU64) {
@@ -351,6 +393,15 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Counters {
+    /// For `queues` packet queues, two packet threads each.
+    fn new(queues: usize) -> Counters {
+        Counters {
+            idle_poll: Arc::new(PollState::new(2 * queues)),
+            queues: (0..queues).map(|_| Default::default()).collect(),
+            ..Counters::default()
+        }
+    }
+
     fn snapshot(&self) -> EngineCounters {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         EngineCounters {
@@ -369,6 +420,14 @@ impl Counters {
             udp_rx_datagrams: l(&self.udp_rx_datagrams),
             udp_tx_datagrams: l(&self.udp_tx_datagrams),
             idle_poll: self.idle_poll.stats(),
+            queues: self
+                .queues
+                .iter()
+                .map(|[tun, udp]| QueueCounters {
+                    tun_rx_packets: l(tun),
+                    udp_rx_datagrams: l(udp),
+                })
+                .collect(),
         }
     }
 }
@@ -680,7 +739,11 @@ impl IndexAlloc {
 }
 
 struct Shared {
-    tun: tun_rs::SyncDevice,
+    /// Queue q's TUN queue, read by its tun->udp thread (see "Queues").
+    tun_readers: Vec<tun_rs::SyncDevice>,
+    /// With several queues, queue q's udp->tun thread writes through
+    /// `tun_writers[q]`, a detached queue; with one, through the reader.
+    tun_writers: Vec<tun_rs::SyncDevice>,
     /// The TUN device speaks virtio-net headers with TSO/checksum offload
     /// (see [`offload`]); false if the kernel refused and we fell back.
     tun_offload: bool,
@@ -688,7 +751,9 @@ struct Shared {
     udp_gso: AtomicBool,
     tun_name: String,
     tun_ifindex: u32,
-    sock: UdpSocket,
+    /// Queue q's UDP socket, `SO_REUSEPORT` siblings bound to one port;
+    /// protocol messages (handshakes, cookies, keepalives) leave by the first.
+    socks: Vec<UdpSocket>,
     /// The socket is AF_INET6 with IPV6_V6ONLY off: v4 peers are reached via
     /// v4-mapped addresses.
     dual_stack: bool,
@@ -752,11 +817,21 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()
     }
 }
 
-fn bind_udp(port: u16) -> Result<(UdpSocket, bool), Error> {
+/// Binds the engine's UDP socket on `port`; with `reuse_port` it joins (or
+/// starts) the `SO_REUSEPORT` group of the engine's queues on that port.
+fn bind_udp(port: u16, reuse_port: bool) -> Result<(UdpSocket, bool), Error> {
     let opt = |option: &'static str| move |source| Error::SocketOption { option, source };
+    let reuse = |s: &Socket| {
+        if reuse_port {
+            setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)
+                .map_err(opt("SO_REUSEPORT"))?;
+        }
+        Ok::<(), Error>(())
+    };
     let (sock, dual) = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
         Ok(s) => {
             s.set_only_v6(false).map_err(opt("IPV6_V6ONLY"))?;
+            reuse(&s)?;
             let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
             s.bind(&addr.into())
                 .map_err(|source| Error::Bind { port, source })?;
@@ -766,6 +841,7 @@ fn bind_udp(port: u16) -> Result<(UdpSocket, bool), Error> {
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
             let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
                 .map_err(|source| Error::Bind { port, source })?;
+            reuse(&s)?;
             let addr = SocketAddr::from(([0, 0, 0, 0], port));
             s.bind(&addr.into())
                 .map_err(|source| Error::Bind { port, source })?;
@@ -844,6 +920,25 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     }
 }
 
+/// Detaches the TUN queue `fd` (`TUNSETQUEUE` with `IFF_DETACH_QUEUE`): the
+/// kernel no longer queues packets on it, and a write on it teaches the
+/// driver no flow->queue mapping (tun.c `tun_get_user` skips the flow update
+/// for a detached queue), while the write itself goes through as on any queue.
+fn detach_queue(fd: RawFd) -> io::Result<()> {
+    // SAFETY: an all-zero ifreq is a valid value (a C struct of integers,
+    // byte arrays and a union of those).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_ifru.ifru_flags = libc::IFF_DETACH_QUEUE as libc::c_short;
+    // SAFETY: `fd` is an open TUN queue owned by the caller; TUNSETQUEUE reads
+    // one ifreq, which lives for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETQUEUE, &mut req) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Datagrams from v4 peers arrive on the dual-stack socket as v4-mapped v6
 /// addresses; keep them as plain v4 everywhere else (stats, `wg show`, rate limiter).
 fn normalize(addr: SocketAddr) -> SocketAddr {
@@ -905,25 +1000,24 @@ impl Engine {
             let name = name.clone();
             move |source| Error::TunConfig { name, what, source }
         };
+        let queues = cfg.queues.clamp(1, MAX_QUEUES);
+        let builder = || {
+            tun_rs::DeviceBuilder::new()
+                .name(&cfg.tun_name)
+                .multi_queue(queues > 1)
+        };
         // IFF_TUN | IFF_NO_PI | IFF_VNET_HDR with TUNSETOFFLOAD CSUM|TSO4|TSO6:
         // the kernel hands us TCP super-packets and takes coalesced ones
         // (see `offload`). A kernel that refuses gets plain one-packet I/O.
-        let tun = match tun_rs::DeviceBuilder::new()
-            .name(&cfg.tun_name)
-            .offload(true)
-            .build_sync()
-        {
+        let tun = match builder().offload(true).build_sync() {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(tun = %name, error = %e,
                     "TUN offloads (IFF_VNET_HDR/TSO) refused; falling back to one packet per read");
-                tun_rs::DeviceBuilder::new()
-                    .name(&cfg.tun_name)
-                    .build_sync()
-                    .map_err(|source| Error::Tun {
-                        name: name.clone(),
-                        source,
-                    })?
+                builder().build_sync().map_err(|source| Error::Tun {
+                    name: name.clone(),
+                    source,
+                })?
             }
         };
         let tun_offload = tun.tcp_gso();
@@ -937,8 +1031,26 @@ impl Engine {
         tun.set_nonblocking(true)
             .map_err(tun_err("set non-blocking"))?;
         let tun_ifindex = tun.if_index().map_err(tun_err("look up ifindex"))?;
+        // Queues 1.. (same flags and offloads as the first), and with several
+        // queues the detached write queues (see "Queues" in the module docs).
+        let mut tun_readers = vec![tun];
+        let mut tun_writers = Vec::new();
+        let descriptors = if queues > 1 { 2 * queues } else { 1 };
+        for q in 1..descriptors {
+            let dev = tun_readers[0]
+                .try_clone()
+                .map_err(tun_err("open a queue"))?;
+            if q < queues {
+                dev.set_nonblocking(true)
+                    .map_err(tun_err("set non-blocking"))?;
+                tun_readers.push(dev);
+            } else {
+                detach_queue(dev.as_raw_fd()).map_err(tun_err("detach a write queue"))?;
+                tun_writers.push(dev);
+            }
+        }
 
-        let (sock, dual_stack) = bind_udp(cfg.listen_port)?;
+        let (sock, dual_stack) = bind_udp(cfg.listen_port, queues > 1)?;
         let listen_port = sock
             .local_addr()
             .map_err(|source| Error::Bind {
@@ -946,6 +1058,10 @@ impl Engine {
                 source,
             })?
             .port();
+        let mut socks = vec![sock];
+        for _ in 1..queues {
+            socks.push(bind_udp(listen_port, true)?.0);
+        }
 
         let listener = match &cfg.uapi_socket {
             Some(p) => Some(bind_uapi(p)?),
@@ -953,12 +1069,13 @@ impl Engine {
         };
 
         let shared = Arc::new(Shared {
-            tun,
+            tun_readers,
+            tun_writers,
             tun_offload,
             udp_gso: AtomicBool::new(true),
             tun_name: cfg.tun_name.clone(),
             tun_ifindex,
-            sock,
+            socks,
             dual_stack,
             listen_port,
             keys: RwLock::new(Arc::new(Keys {
@@ -967,7 +1084,7 @@ impl Engine {
             })),
             peers: RwLock::new(Arc::new(PeerSet::default())),
             config_lock: Mutex::new(random_index()),
-            counters: Counters::default(),
+            counters: Counters::new(queues),
             held: Mutex::new(rotation::HeldInitiations::default()),
             idle_poll: cfg.idle_poll,
             stop: AtomicBool::new(false),
@@ -978,21 +1095,25 @@ impl Engine {
             uapi_path: None,
         };
         // From here on, dropping `engine` on an error path stops what was started.
-        engine.spawn("veil-wg-tun", {
-            let sh = shared.clone();
-            move || sh.tun_loop()
-        })?;
-        engine.spawn("veil-wg-udp", {
-            let sh = shared.clone();
-            move || sh.udp_loop()
-        })?;
-        engine.spawn("veil-wg-timers", {
+        for q in 0..queues {
+            // Queue 0 keeps the names of the single-queue engine.
+            let suffix = if q == 0 { String::new() } else { q.to_string() };
+            engine.spawn(format!("veil-wg-tun{suffix}"), {
+                let sh = shared.clone();
+                move || sh.tun_loop(q)
+            })?;
+            engine.spawn(format!("veil-wg-udp{suffix}"), {
+                let sh = shared.clone();
+                move || sh.udp_loop(q)
+            })?;
+        }
+        engine.spawn("veil-wg-timers".into(), {
             let sh = shared.clone();
             move || sh.timer_loop()
         })?;
         if let (Some(listener), Some(path)) = (listener, cfg.uapi_socket) {
             engine.uapi_path = Some(path);
-            engine.spawn("veil-wg-uapi", {
+            engine.spawn("veil-wg-uapi".into(), {
                 let sh = shared.clone();
                 move || sh.uapi_loop(listener)
             })?;
@@ -1004,22 +1125,20 @@ impl Engine {
             listen_port,
             dual_stack,
             tun_offload,
+            queues,
             "WireGuard engine started"
         );
         Ok(engine)
     }
 
-    fn spawn(
-        &mut self,
-        name: &'static str,
-        f: impl FnOnce() + Send + 'static,
-    ) -> Result<(), Error> {
+    fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), Error> {
         let data_path = name != "veil-wg-uapi";
+        let thread_name = name.clone();
         let h = std::thread::Builder::new()
-            .name(name.to_owned())
+            .name(name.clone())
             .spawn(move || {
                 if data_path {
-                    raise_priority(name);
+                    raise_priority(&thread_name);
                 }
                 f()
             })
@@ -1367,7 +1486,7 @@ impl Shared {
 
     fn send(&self, data: &[u8], to: SocketAddr) {
         let to = self.wire_addr(to);
-        match self.sock.send_to(data, to) {
+        match self.socks[0].send_to(data, to) {
             Ok(_) => bump(&self.counters.udp_tx_datagrams),
             Err(e) => {
                 bump(&self.counters.send_errors);
@@ -1377,15 +1496,16 @@ impl Shared {
     }
 
     /// Sends the encrypted datagrams queued in `tx` ([`batch::plan`]: GSO
-    /// runs per endpoint, several messages per `sendmmsg`) and empties it.
-    fn flush_tx(&self, tx: &mut batch::TxQueue) {
+    /// runs per endpoint, several messages per `sendmmsg`) on queue `q`'s
+    /// socket and empties it.
+    fn flush_tx(&self, tx: &mut batch::TxQueue, q: usize) {
         if tx.is_empty() {
             tx.clear();
             return;
         }
         let gso = self.udp_gso.load(Ordering::Relaxed);
         batch::plan(&tx.tos, &tx.lens, gso, &mut tx.msgs);
-        let fd = self.sock.as_raw_fd();
+        let fd = self.socks[q].as_raw_fd();
         let mut i = 0;
         while i < tx.msgs.len() {
             let end = tx.msgs.len().min(i + batch::MAX_MSGS);
@@ -1441,7 +1561,8 @@ impl Shared {
         }
     }
 
-    fn tun_loop(&self) {
+    /// Queue `q`'s tun->udp thread.
+    fn tun_loop(&self, q: usize) {
         // One read is one packet or one TSO super-packet (virtio header first);
         // tun-rs splits the latter into segments (see `offload`), each into a
         // slot. A wakeup drains the device into the slots (see [`TX_READS`]),
@@ -1451,8 +1572,9 @@ impl Shared {
         let mut segs: Vec<&mut [u8]> = pool.chunks_mut(TX_SLOT).collect();
         let mut sizes = vec![0usize; TX_SLOTS];
         let mut tx = batch::TxQueue::new(OUT_BUF, TX_SLOTS);
-        let fd = self.tun.as_raw_fd();
-        let mut idle = IdlePoll::new(self.idle_poll, self.counters.idle_poll.clone(), 0);
+        let tun = &self.tun_readers[q];
+        let fd = tun.as_raw_fd();
+        let mut idle = IdlePoll::new(self.idle_poll, self.counters.idle_poll.clone(), 2 * q);
         // Whether the last drain stopped at its bound with packets still queued.
         let mut more = false;
         while !self.stop.load(Ordering::Relaxed) {
@@ -1473,12 +1595,8 @@ impl Shared {
             more = true;
             while reads < TX_READS && filled + TUN_SEGMENTS <= TX_SLOTS {
                 reads += 1;
-                match self.tun.recv_multiple(
-                    &mut raw[..],
-                    &mut segs[filled..],
-                    &mut sizes[filled..],
-                    0,
-                ) {
+                match tun.recv_multiple(&mut raw[..], &mut segs[filled..], &mut sizes[filled..], 0)
+                {
                     Ok(n) => filled += n,
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
@@ -1501,7 +1619,8 @@ impl Shared {
                 self.counters
                     .tun_rx_packets
                     .fetch_add(filled as u64, Ordering::Relaxed);
-                self.outbound(&segs[..filled], &sizes[..filled], &mut tx);
+                self.counters.queues[q][0].fetch_add(filled as u64, Ordering::Relaxed);
+                self.outbound(&segs[..filled], &sizes[..filled], &mut tx, q);
             }
         }
     }
@@ -1511,7 +1630,7 @@ impl Shared {
     /// each peer's packets are encrypted under one lock in the order they were
     /// read, queued back to back, and all of it leaves in as few `sendmmsg`
     /// calls and GSO runs as possible ([`Shared::flush_tx`]).
-    fn outbound(&self, segs: &[&mut [u8]], sizes: &[usize], tx: &mut batch::TxQueue) {
+    fn outbound(&self, segs: &[&mut [u8]], sizes: &[usize], tx: &mut batch::TxQueue, q: usize) {
         let c = &self.counters;
         let set = self.peers.read().clone();
         tx.keys.clear();
@@ -1564,7 +1683,7 @@ impl Shared {
                 let k = tx.order[r];
                 let pkt = &segs[k][..sizes[k]];
                 if tx.room() < pkt.len() + WG_OVERHEAD {
-                    self.flush_tx(tx);
+                    self.flush_tx(tx, q);
                 }
                 // Without a session boringtun queues the packet and returns a
                 // handshake initiation (or Done if one is already in flight).
@@ -1587,7 +1706,7 @@ impl Shared {
                 }
             }
         }
-        self.flush_tx(tx);
+        self.flush_tx(tx, q);
     }
 
     /// Sends a handshake initiation from the current slot of each of `peers`
@@ -1607,13 +1726,14 @@ impl Shared {
         }
     }
 
-    fn udp_loop(&self) {
-        let fd = self.sock.as_raw_fd();
+    /// Queue `q`'s udp->tun thread.
+    fn udp_loop(&self, q: usize) {
+        let fd = self.socks[q].as_raw_fd();
         // One recvmmsg takes up to RX_MSGS messages, only what is queued; with
         // UDP_GRO each is a run of datagrams from one sender.
         let mut rx = batch::RecvMmsg::new();
         let mut batch = TunBatch::new();
-        let mut idle = IdlePoll::new(self.idle_poll, self.counters.idle_poll.clone(), 1);
+        let mut idle = IdlePoll::new(self.idle_poll, self.counters.idle_poll.clone(), 2 * q + 1);
         while !self.stop.load(Ordering::Relaxed) {
             let n = match rx.recv(fd, false) {
                 Ok(n) => n,
@@ -1632,6 +1752,7 @@ impl Shared {
                     continue;
                 }
             };
+            let mut received = 0;
             for m in 0..n {
                 let Some((data, from, seg)) = rx.message(m) else {
                     bump(&self.counters.dropped_invalid);
@@ -1640,8 +1761,9 @@ impl Shared {
                 let from = normalize(from);
                 for d in offload::datagrams(data, seg) {
                     bump(&self.counters.udp_rx_datagrams);
+                    received += 1;
                     if batch.is_full() {
-                        self.flush_tun(&mut batch);
+                        self.flush_tun(&mut batch, q);
                     }
                     let out = batch.next(d.len());
                     if let Some(len) = self.inbound(d, from, out) {
@@ -1649,19 +1771,22 @@ impl Shared {
                     }
                 }
             }
-            self.flush_tun(&mut batch);
+            self.flush_tun(&mut batch, q);
+            self.counters.queues[q][1].fetch_add(received, Ordering::Relaxed);
         }
     }
 
-    /// Writes the decrypted packets of `batch` to the TUN device; with offloads,
-    /// consecutive TCP segments of a flow go as one GRO super-packet.
-    fn flush_tun(&self, batch: &mut TunBatch) {
+    /// Writes the decrypted packets of `batch` to the TUN device (through
+    /// queue `q`'s write queue); with offloads, consecutive TCP segments of a
+    /// flow go as one GRO super-packet.
+    fn flush_tun(&self, batch: &mut TunBatch, q: usize) {
         let n = batch.len;
         if n == 0 {
             return;
         }
         batch.len = 0;
-        match self.tun.send_multiple(
+        let tun = self.tun_writers.get(q).unwrap_or(&self.tun_readers[q]);
+        match tun.send_multiple(
             &mut batch.gro,
             &mut batch.bufs[..n],
             tun_rs::VIRTIO_NET_HDR_LEN,

@@ -61,6 +61,12 @@ struct Args {
     #[arg(long, env = "VEIL_IDLE_POLL_US", default_value_t = veil::wireguard::DEFAULT_IDLE_POLL_US,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     idle_poll_us: u64,
+    /// Engine packet queues: each is a TUN queue, a UDP socket and a pair of
+    /// packet threads, so flows are encrypted and decrypted on several cores
+    /// (each flow stays on one queue, in order; see ARCHITECTURE.md).
+    #[arg(long, env = "VEIL_QUEUES", default_value_t = veil::wireguard::DEFAULT_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=veil::wireguard::MAX_QUEUES as i64))]
+    queues: u16,
     /// Full resync period in milliseconds, on top of change notifications.
     #[arg(long, env = "VEIL_RESYNC_MS", default_value_t = 2000)]
     resync_ms: u64,
@@ -176,6 +182,7 @@ fn main() -> ExitCode {
         listen_port: args.listen_port,
         mtu: args.mtu,
         idle_poll: Duration::from_micros(args.idle_poll_us),
+        queues: usize::from(args.queues),
         resync: Duration::from_millis(args.resync_ms.max(100)),
         authority_public_key: args.authority_public_key,
         auto_approve_with: args.auto_approve_with,

@@ -26,6 +26,16 @@ fn sample() -> Snapshot {
                 preempted: 1,
                 polled: Duration::from_millis(250),
             },
+            queues: vec![
+                crate::wireguard::QueueCounters {
+                    tun_rx_packets: 6,
+                    udp_rx_datagrams: 1,
+                },
+                crate::wireguard::QueueCounters {
+                    tun_rx_packets: 4,
+                    udp_rx_datagrams: 0,
+                },
+            ],
             ..EngineCounters::default()
         },
         reconcile_errors: 2,
@@ -104,6 +114,18 @@ fn renders_every_metric_with_its_labels_and_value() {
         ("veil_engine_idle_polls_total{outcome=\"caught\"}", "12"),
         ("veil_engine_idle_polls_total{outcome=\"preempted\"}", "1"),
         ("veil_engine_idle_poll_seconds_total", "0.25"),
+        (
+            "veil_engine_queue_packets_total{queue=\"0\",path=\"tun_rx\"}",
+            "6",
+        ),
+        (
+            "veil_engine_queue_packets_total{queue=\"1\",path=\"tun_rx\"}",
+            "4",
+        ),
+        (
+            "veil_engine_queue_packets_total{queue=\"1\",path=\"udp_rx\"}",
+            "0",
+        ),
         ("veil_reconcile_errors_total", "2"),
         ("veil_diagnostics", "5"),
         ("veil_key_generation", "7"),

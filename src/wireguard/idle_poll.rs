@@ -17,8 +17,8 @@
 //! - each turn of the loop yields the CPU (`sched_yield`), so anything
 //!   runnable on this CPU runs first, and a turn that comes back late means
 //!   the thread was preempted: polling stops for `COOLDOWN`;
-//! - either packet thread busy more than `BUSY_PERCENT` of the time turns
-//!   polling off for both: the engine is throughput-bound, its CPUs are awake
+//! - any packet thread busy more than `BUSY_PERCENT` of the time turns
+//!   polling off for all: the engine is throughput-bound, its CPUs are awake
 //!   anyway and a wakeup is cheap;
 //! - an audit after every `AUDIT` of polling turns it off for
 //!   `WASTE_COOLDOWN` when it cost more than the bound per packet caught.
@@ -48,7 +48,7 @@ const AUDIT: Duration = Duration::from_millis(2);
 const WASTE_COOLDOWN: Duration = Duration::from_millis(100);
 /// Period over which a thread's busy share is measured and published.
 const LOAD_PERIOD: Duration = Duration::from_millis(1);
-/// Above this busy share (percent) of either packet thread the engine is
+/// Above this busy share (percent) of any packet thread the engine is
 /// throughput-bound: its CPUs are awake anyway, so a wakeup is cheap and
 /// polling would only take CPU from the packets.
 const BUSY_PERCENT: u8 = 50;
@@ -66,19 +66,37 @@ pub enum Outcome {
     Preempted,
 }
 
-/// What the engine's two packet threads share about polling: each one's busy
+/// What the engine's packet threads share about polling: each one's busy
 /// share, in percent of the last `LOAD_PERIOD` in which it waited at least
 /// once, and their [`Stats`] (published once per period).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PollState {
-    load: [AtomicU8; 2],
+    load: Box<[AtomicU8]>,
     caught: AtomicU64,
     slept: AtomicU64,
     preempted: AtomicU64,
     polled_ns: AtomicU64,
 }
 
+impl Default for PollState {
+    /// For one tun->udp and one udp->tun thread.
+    fn default() -> PollState {
+        PollState::new(2)
+    }
+}
+
 impl PollState {
+    /// For `threads` packet threads (at least one slot).
+    pub fn new(threads: usize) -> PollState {
+        PollState {
+            load: (0..threads.max(1)).map(|_| AtomicU8::new(0)).collect(),
+            caught: AtomicU64::new(0),
+            slept: AtomicU64::new(0),
+            preempted: AtomicU64::new(0),
+            polled_ns: AtomicU64::new(0),
+        }
+    }
+
     fn busiest(&self) -> u8 {
         self.load
             .iter()
@@ -144,14 +162,15 @@ pub struct IdlePoll {
 
 impl IdlePoll {
     /// `max` bounds the window (zero turns polling off); `shared` is shared
-    /// by the engine's two packet threads, `me` (0 or 1) is this one's slot.
+    /// by the engine's packet threads, `me` is this one's slot in it.
     pub fn new(max: Duration, shared: Arc<PollState>, me: usize) -> IdlePoll {
+        let me = me.min(shared.load.len() - 1);
         IdlePoll {
             max,
             window: Duration::ZERO,
             off_until: None,
             shared,
-            me: me.min(1),
+            me,
             last_exit: None,
             period_start: Instant::now(),
             busy: Duration::ZERO,
@@ -390,6 +409,24 @@ mod tests {
         assert_eq!(p.window(t), Duration::ZERO);
         shared.load[1].store(BUSY_PERCENT, Ordering::Relaxed);
         assert_eq!(p.window(t), MAX);
+    }
+
+    #[test]
+    fn with_several_queues_any_busy_packet_thread_turns_polling_off() {
+        // Three queues: six packet threads; this one is slot 4.
+        let shared = Arc::new(PollState::new(6));
+        let mut p = IdlePoll::new(MAX, shared.clone(), 4);
+        let t = Instant::now();
+        for _ in 0..4 {
+            p.record(slept(0, 10), t);
+        }
+        assert_eq!(p.window(t), MAX);
+        shared.load[5].store(80, Ordering::Relaxed);
+        assert_eq!(p.window(t), Duration::ZERO);
+        shared.load[5].store(0, Ordering::Relaxed);
+        // A slot out of range is clamped to the last one, not a panic.
+        let q = IdlePoll::new(MAX, shared.clone(), 9);
+        assert_eq!(q.me, 5);
     }
 
     #[test]
