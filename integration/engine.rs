@@ -119,6 +119,7 @@ fn start_engine_with(
     };
     assert!(engine.tun_ifindex() > 0);
     assert_eq!(engine.tun_name(), name);
+    assert_eq!(engine.queues(), queues);
     assert_eq!(engine.listen_port(), PORT);
     ns.exec_ok(&["ip", "addr", "add", &format!("{pod_ip}/32"), "dev", name]);
     ns.exec_ok(&[

@@ -1,5 +1,5 @@
-//! The userspace WireGuard engine: a TUN device (`veil0`), one UDP socket and a
-//! `boringtun::noise::Tunn` per peer. boringtun supplies only the protocol
+//! The userspace WireGuard engine: a TUN device (`veil0`), UDP sockets on one
+//! port (one per packet queue) and a `boringtun::noise::Tunn` per peer. boringtun supplies only the protocol
 //! state machine; this module owns all I/O, threads, timers and peer demux.
 //!
 //! # Threads
@@ -155,8 +155,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// own default for guest halt polling (`guest_halt_poll_ns`), which covers a
 /// round trip between two nodes of a cluster.
 pub const DEFAULT_IDLE_POLL_US: u64 = 200;
-/// Packet queues of the agent's engine unless configured (`--queues`).
-pub const DEFAULT_QUEUES: u16 = 1;
+/// Most packet queues [`auto_queues`] picks: past a handful of cores per
+/// node, one peer's traffic is bound by its lock anyway (see "Queues").
+pub const AUTO_QUEUES_MAX: usize = 8;
 /// Most packet queues an engine runs (two threads, two TUN queue descriptors
 /// and one socket each); the tun driver allows 256 queues.
 pub const MAX_QUEUES: usize = 64;
@@ -291,8 +292,8 @@ pub struct EngineConfig {
     /// Longest a packet thread polls before it sleeps ([`idle_poll`]); zero
     /// never polls.
     pub idle_poll: Duration,
-    /// Packet queues (see "Queues" in the module docs); 0 counts as 1,
-    /// more than [`MAX_QUEUES`] as [`MAX_QUEUES`].
+    /// Packet queues (see "Queues" in the module docs); 0 picks
+    /// [`auto_queues`], more than [`MAX_QUEUES`] count as [`MAX_QUEUES`].
     pub queues: usize,
 }
 
@@ -920,6 +921,14 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     }
 }
 
+/// One packet queue per CPU this process may run on (its affinity and cgroup
+/// quota, `std::thread::available_parallelism`), at most [`AUTO_QUEUES_MAX`].
+pub fn auto_queues() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(AUTO_QUEUES_MAX)
+}
+
 /// Detaches the TUN queue `fd` (`TUNSETQUEUE` with `IFF_DETACH_QUEUE`): the
 /// kernel no longer queues packets on it, and a write on it teaches the
 /// driver no flow->queue mapping (tun.c `tun_get_user` skips the flow update
@@ -1000,7 +1009,10 @@ impl Engine {
             let name = name.clone();
             move |source| Error::TunConfig { name, what, source }
         };
-        let queues = cfg.queues.clamp(1, MAX_QUEUES);
+        let queues = match cfg.queues {
+            0 => auto_queues(),
+            n => n.min(MAX_QUEUES),
+        };
         let builder = || {
             tun_rs::DeviceBuilder::new()
                 .name(&cfg.tun_name)
@@ -1153,6 +1165,11 @@ impl Engine {
 
     pub fn tun_name(&self) -> &str {
         &self.shared.tun_name
+    }
+
+    /// Packet queues running (see "Queues" in the module docs).
+    pub fn queues(&self) -> usize {
+        self.shared.socks.len()
     }
 
     /// Whether the TUN device runs with TSO/checksum offloads (virtio-net
@@ -2315,6 +2332,12 @@ mod tests {
         // None has a session: the oldest go first, the one just added stays.
         assert_eq!(st.retiring[0].index, 20 + u32::from(extra - 1));
         assert!(st.retiring.iter().all(|s| s.index != 5));
+    }
+
+    #[test]
+    fn auto_queues_follow_the_cpus_within_bounds() {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(auto_queues(), cpus.clamp(1, AUTO_QUEUES_MAX));
     }
 
     #[test]

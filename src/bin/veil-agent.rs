@@ -63,9 +63,10 @@ struct Args {
     idle_poll_us: u64,
     /// Engine packet queues: each is a TUN queue, a UDP socket and a pair of
     /// packet threads, so flows are encrypted and decrypted on several cores
-    /// (each flow stays on one queue, in order; see ARCHITECTURE.md).
-    #[arg(long, env = "VEIL_QUEUES", default_value_t = veil::wireguard::DEFAULT_QUEUES,
-          value_parser = clap::value_parser!(u16).range(1..=veil::wireguard::MAX_QUEUES as i64))]
+    /// (each flow stays on one queue, in order; see ARCHITECTURE.md). 0: one
+    /// per CPU the agent may use, at most 8.
+    #[arg(long, env = "VEIL_QUEUES", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=veil::wireguard::MAX_QUEUES as i64))]
     queues: u16,
     /// Full resync period in milliseconds, on top of change notifications.
     #[arg(long, env = "VEIL_RESYNC_MS", default_value_t = 2000)]
