@@ -65,7 +65,7 @@ impl Kind {
         .find(|k| k.label().eq_ignore_ascii_case(s))
     }
 
-    fn is_veil(self) -> bool {
+    pub fn is_veil(self) -> bool {
         matches!(self, Kind::Veil | Kind::VeilB)
     }
 }

@@ -1,6 +1,7 @@
 //! One measurement: an iperf3 run or a request/response run from the client pod
 //! to the server pod, bounded in time, with the CPU time it cost.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -34,7 +35,7 @@ impl Figure {
 }
 
 /// The outcome of one run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Sample {
     /// TCP: goodput at the receiver, Gbit/s.
     pub gbps: f64,
@@ -52,6 +53,9 @@ pub struct Sample {
     /// engine processes' own utime + stime.
     pub system_cpu_s: f64,
     pub engine_cpu_s: f64,
+    /// Veil only: CPU seconds during the run of each engine packet thread
+    /// (`veil-wg-tun*`, `veil-wg-udp*`), by thread name, summed over both nodes.
+    pub packet_threads_s: BTreeMap<String, f64>,
 }
 
 /// Jiffies per second (`sysconf(_SC_CLK_TCK)`): the unit of /proc/stat and
@@ -103,6 +107,64 @@ pub fn parse_process_cpu(stat: &str) -> Option<u64> {
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The thread names of the engine's packet threads: `veil-wg-tun` and
+/// `veil-wg-udp` for queue 0, `veil-wg-tun{q}` and `veil-wg-udp{q}` for queue q.
+pub fn is_packet_thread(comm: &str) -> bool {
+    ["veil-wg-tun", "veil-wg-udp"].iter().any(|p| {
+        comm.strip_prefix(p)
+            .is_some_and(|q| q.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// utime + stime of each thread of process `pid` (/proc/PID/task/TID/stat), in
+/// jiffies, by thread name; threads of the same name are summed. Empty if the
+/// process is gone; a thread that exits while it is read is left out.
+pub fn thread_cpu(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((comm, cpu)) = parse_thread_stat(&text) {
+            *by_name.entry(comm).or_insert(0) += cpu;
+        }
+    }
+    by_name
+}
+
+/// (thread name, utime + stime) of a /proc/PID/task/TID/stat line: the name is
+/// between the first `(` and the last `)`, as it may contain both.
+pub fn parse_thread_stat(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    Some((comm.to_string(), parse_process_cpu(stat)?))
+}
+
+/// The packet threads' CPU over a run, in jiffies, by thread name summed over
+/// the nodes: `before[i]` and `after[i]` are [`thread_cpu`] of node i's engine.
+/// Threads are matched by (node, name); one missing before the run counts from 0.
+pub fn packet_thread_delta(
+    before: &[BTreeMap<String, u64>],
+    after: &[BTreeMap<String, u64>],
+) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    for (node, end) in after.iter().enumerate() {
+        for (comm, &cpu) in end.iter().filter(|(c, _)| is_packet_thread(c)) {
+            let start = before
+                .get(node)
+                .and_then(|b| b.get(comm))
+                .copied()
+                .unwrap_or(0);
+            *by_name.entry(comm.clone()).or_insert(0) += cpu.saturating_sub(start);
+        }
+    }
+    by_name
 }
 
 /// A `VmXXX:  N kB` line of /proc/PID/status, in KiB.
@@ -296,6 +358,15 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
     }
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let pids = setup.engine_pids();
+    // Per-thread CPU for Veil: read outside the window of the other CPU figures.
+    let threads = |pids: &[u32]| -> Vec<BTreeMap<String, u64>> {
+        if setup.kind.is_veil() {
+            pids.iter().map(|&p| thread_cpu(p)).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    let thr0 = threads(&pids);
     let rx0 = setup.tunnel_rx_bytes();
     let sys0 = system_busy();
     let eng0: u64 = pids.iter().map(|&p| process_cpu(p)).sum();
@@ -303,11 +374,16 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
     let (ok, out) = run_bounded(setup, &argv, limit, tag);
     let sys1 = system_busy();
     let eng1: u64 = pids.iter().map(|&p| process_cpu(p)).sum();
+    let thr1 = threads(&pids);
     setup.assert_alive();
     assert!(ok, "{what}: the run failed:\n{out}");
     let mut s = Sample {
         system_cpu_s: sys1.saturating_sub(sys0) as f64 / clk_tck(),
         engine_cpu_s: eng1.saturating_sub(eng0) as f64 / clk_tck(),
+        packet_threads_s: packet_thread_delta(&thr0, &thr1)
+            .into_iter()
+            .map(|(comm, j)| (comm, j as f64 / clk_tck()))
+            .collect(),
         ..Sample::default()
     };
     match figure {
@@ -353,6 +429,7 @@ pub fn run(setup: &mut Setup, figure: Figure, secs: u32, rr_count: u32, tag: &st
 /// would otherwise print garbage instead of failing.
 pub fn self_test() {
     crate::memory::self_test();
+    crate::report::self_test();
     {
         let stat = "cpu  100 5 50 1000 20 3 2 1 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
         assert_eq!(parse_system_busy(stat), Some(161));
@@ -362,6 +439,57 @@ pub fn self_test() {
         assert_eq!(parse_status_kib(status, "VmHWM"), Some(20480));
         assert_eq!(parse_status_kib(status, "VmRSS"), Some(10240));
         assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+    {
+        let tstat = "4243 (veil-wg-tun1) S 1 2 3 4 5 6 7 8 9 10 70 5 0 0 20 0 5";
+        assert_eq!(parse_thread_stat(tstat), Some(("veil-wg-tun1".into(), 75)));
+        let odd = "4244 (a (b) c)) R 1 2 3 4 5 6 7 8 9 10 1 2 0 0 20 0 5";
+        assert_eq!(parse_thread_stat(odd), Some(("a (b) c)".into(), 3)));
+        assert_eq!(parse_thread_stat("4245 (x"), None);
+        for (comm, packet) in [
+            ("veil-wg-tun", true),
+            ("veil-wg-udp", true),
+            ("veil-wg-tun1", true),
+            ("veil-wg-udp12", true),
+            ("veil-wg-timers", false),
+            ("veil-wg-uapi", false),
+            ("veil-wg-tunx", false),
+            ("tokio-runtime-w", false),
+        ] {
+            assert_eq!(is_packet_thread(comm), packet, "{comm}");
+        }
+        let snap = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            v.iter().map(|&(c, j)| (c.to_string(), j)).collect()
+        };
+        let before = [
+            snap(&[
+                ("veil-wg-tun", 100),
+                ("veil-wg-udp", 50),
+                ("veil-wg-timers", 1),
+            ]),
+            snap(&[("veil-wg-tun", 10), ("veil-wg-udp", 500)]),
+        ];
+        let after = [
+            // Node 0: veil-wg-tun1 appeared during the run (counts from 0).
+            snap(&[
+                ("veil-wg-tun", 130),
+                ("veil-wg-tun1", 7),
+                ("veil-wg-udp", 50),
+                ("veil-wg-timers", 9),
+            ]),
+            snap(&[("veil-wg-tun", 15), ("veil-wg-udp", 560)]),
+        ];
+        let d = packet_thread_delta(&before, &after);
+        let d: Vec<(&str, u64)> = d.iter().map(|(c, &j)| (c.as_str(), j)).collect();
+        assert_eq!(
+            d,
+            [
+                ("veil-wg-tun", 35),
+                ("veil-wg-tun1", 7),
+                ("veil-wg-udp", 60)
+            ]
+        );
+        assert!(packet_thread_delta(&[], &[]).is_empty());
     }
     {
         let udp = r#"{"end":{"sum_sent":{"packets":1000},"sum_received":{"seconds":2.0,"packets":1000,"lost_packets":100}}}"#;

@@ -1,5 +1,6 @@
 //! The results table (stdout and Markdown), with the ratios and the targets.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::engines::Kind;
@@ -51,6 +52,20 @@ impl ConfigResults {
         (sys * 1e6, eng * 1e6)
     }
 
+    /// CPU seconds of each engine packet thread over the TCP 4-stream runs, by
+    /// thread name (both nodes); `None` without such a run.
+    fn packet_threads(&self) -> Option<BTreeMap<String, f64>> {
+        let mut runs = self.of(Figure::Tcp(4)).peekable();
+        runs.peek()?;
+        let mut by_name = BTreeMap::new();
+        for s in runs {
+            for (comm, secs) in &s.packet_threads_s {
+                *by_name.entry(comm.clone()).or_insert(0.0) += secs;
+            }
+        }
+        Some(by_name)
+    }
+
     /// CPU seconds per unit (`units` of a sample) over the runs of the
     /// figures `pick` selects: (system, engine).
     fn cpu_per(&self, pick: impl Fn(Figure) -> bool, units: impl Fn(&Sample) -> f64) -> (f64, f64) {
@@ -95,6 +110,37 @@ fn fmt_val(v: f64, decimals: usize) -> String {
     } else {
         format!("{v:.decimals$}")
     }
+}
+
+/// Where a packet thread goes in the list: by kind (`tun`, `udp`), then by
+/// queue (queue 0 has no number), so `tun2` comes before `tun10`.
+fn thread_order(name: &str) -> (&str, Option<u64>) {
+    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (kind, queue) = name.split_at(name.len() - digits);
+    (kind, queue.parse().ok())
+}
+
+/// The packet-thread cell of one configuration: `tun 1.92 · tun1 1.85 · udp 2.10`.
+fn packet_thread_cell(kind: Kind, r: &ConfigResults) -> String {
+    if !kind.is_veil() {
+        return "n/a".into();
+    }
+    let Some(by_name) = r.packet_threads() else {
+        return "not measured".into();
+    };
+    let mut threads: Vec<(&str, f64)> = by_name
+        .iter()
+        .map(|(comm, &secs)| (comm.strip_prefix("veil-wg-").unwrap_or(comm), secs))
+        .collect();
+    if threads.is_empty() {
+        return "n/a (no veil-wg-tun*/udp* threads found)".into();
+    }
+    threads.sort_by(|a, b| thread_order(a.0).cmp(&thread_order(b.0)));
+    threads
+        .iter()
+        .map(|(name, secs)| format!("{name} {secs:.2}"))
+        .collect::<Vec<_>>()
+        .join(" · ")
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -258,6 +304,15 @@ pub fn render(
         let _ = writeln!(md, "{line}");
     }
 
+    let _ = writeln!(md, "\n## Engine packet threads\n");
+    let _ = writeln!(
+        md,
+        "| configuration | CPU s per engine packet thread (TCP 4 streams, both nodes) |\n|---|---|"
+    );
+    for (k, r) in kinds.iter().zip(results) {
+        let _ = writeln!(md, "| {} | {} |", k.label(), packet_thread_cell(*k, r));
+    }
+
     let _ = writeln!(md, "\n## Targets (issue 6; printed, not asserted)\n");
     let get = |k: Kind, f: Figure, field: fn(&Sample) -> f64| {
         idx(k).map_or(f64::NAN, |i| results[i].med(f, field))
@@ -362,7 +417,53 @@ pub fn render(
          received; CPU µs per round trip: the same over the RR runs, per round trip (Veil's \
          packet threads poll briefly before they sleep, which is most of its engine CPU \
          there: ARCHITECTURE.md \"Idle polling\"). Engine peak RSS: the larger VmHWM of \
-         the two engines after all runs."
+         the two engines after all runs. Engine packet threads: utime+stime of each \
+         `veil-wg-tun*` (tun->udp) and `veil-wg-udp*` (udp->tun) thread of both nodes' \
+         engines (/proc/PID/task/TID/stat), summed by name over the TCP 4-stream runs \
+         (`tun` and `udp` are queue 0, `tun1` and `udp1` queue 1, ...); with several \
+         queues the tun->udp work spreads over the queues' threads by flow, while one \
+         peer's inbound datagrams stay on one udp->tun thread, because SO_REUSEPORT \
+         picks the socket by a hash of the peer's 4-tuple."
     );
     md
+}
+
+/// Checks of the packet-thread cell (run by [`crate::measure::self_test`]).
+pub fn self_test() {
+    assert_eq!(thread_order("tun"), ("tun", None));
+    assert_eq!(thread_order("udp12"), ("udp", Some(12)));
+    let sample = |threads: &[(&str, f64)]| Sample {
+        packet_threads_s: threads.iter().map(|&(c, s)| (c.to_string(), s)).collect(),
+        ..Sample::default()
+    };
+    let r = ConfigResults {
+        samples: vec![
+            (
+                Figure::Tcp(4),
+                sample(&[
+                    ("veil-wg-udp", 1.0),
+                    ("veil-wg-tun10", 0.5),
+                    ("veil-wg-tun", 1.5),
+                    ("veil-wg-tun2", 0.25),
+                ]),
+            ),
+            (
+                Figure::Tcp(4),
+                sample(&[("veil-wg-udp", 1.1), ("veil-wg-tun2", 0.004)]),
+            ),
+            // Not a TCP 4-stream run: not counted.
+            (Figure::Tcp(1), sample(&[("veil-wg-tun", 9.0)])),
+        ],
+        engine_hwm_kib: None,
+    };
+    assert_eq!(
+        packet_thread_cell(Kind::Veil, &r),
+        "tun 1.50 · tun2 0.25 · tun10 0.50 · udp 2.10"
+    );
+    assert_eq!(packet_thread_cell(Kind::WireguardGo, &r), "n/a");
+    assert_eq!(packet_thread_cell(Kind::Plain, &r), "n/a");
+    assert_eq!(
+        packet_thread_cell(Kind::VeilB, &ConfigResults::default()),
+        "not measured"
+    );
 }
