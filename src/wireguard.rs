@@ -921,6 +921,35 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     }
 }
 
+/// Read queues and write queues (see [`open_queues`]).
+type TunQueues = (Vec<tun_rs::SyncDevice>, Vec<tun_rs::SyncDevice>);
+
+/// Opens the TUN queues 1..`queues` of `first`'s device (non-blocking, read by
+/// the tun->udp threads) and, with more than one queue, `queues` detached
+/// write queues; on failure, what failed and why.
+fn open_queues(
+    first: &tun_rs::SyncDevice,
+    queues: usize,
+) -> Result<TunQueues, (&'static str, io::Error)> {
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    if queues < 2 {
+        return Ok((readers, writers));
+    }
+    for q in 1..2 * queues {
+        let dev = first.try_clone().map_err(|e| ("open a TUN queue", e))?;
+        if q < queues {
+            dev.set_nonblocking(true)
+                .map_err(|e| ("make a TUN queue non-blocking", e))?;
+            readers.push(dev);
+        } else {
+            detach_queue(dev.as_raw_fd()).map_err(|e| ("detach a TUN write queue", e))?;
+            writers.push(dev);
+        }
+    }
+    Ok((readers, writers))
+}
+
 /// One packet queue per CPU this process may run on (its affinity and cgroup
 /// quota, `std::thread::available_parallelism`), at most [`AUTO_QUEUES_MAX`].
 pub fn auto_queues() -> usize {
@@ -1045,24 +1074,17 @@ impl Engine {
         let tun_ifindex = tun.if_index().map_err(tun_err("look up ifindex"))?;
         // Queues 1.. (same flags and offloads as the first), and with several
         // queues the detached write queues (see "Queues" in the module docs).
-        let mut tun_readers = vec![tun];
-        let mut tun_writers = Vec::new();
-        let descriptors = if queues > 1 { 2 * queues } else { 1 };
-        for q in 1..descriptors {
-            let dev = tun_readers[0]
-                .try_clone()
-                .map_err(tun_err("open a queue"))?;
-            if q < queues {
-                dev.set_nonblocking(true)
-                    .map_err(tun_err("set non-blocking"))?;
-                tun_readers.push(dev);
-            } else {
-                detach_queue(dev.as_raw_fd()).map_err(tun_err("detach a write queue"))?;
-                tun_writers.push(dev);
+        // A kernel that refuses them leaves the engine with one queue, which
+        // works the same, on one core.
+        let (mut tun_readers, mut tun_writers) = match open_queues(&tun, queues) {
+            Ok((readers, writers)) => (std::iter::once(tun).chain(readers).collect(), writers),
+            Err((what, e)) => {
+                tracing::warn!(tun = %name, queues, error = %e, "cannot {what}; running one packet queue");
+                (vec![tun], Vec::new())
             }
-        }
+        };
 
-        let (sock, dual_stack) = bind_udp(cfg.listen_port, queues > 1)?;
+        let (sock, dual_stack) = bind_udp(cfg.listen_port, tun_readers.len() > 1)?;
         let listen_port = sock
             .local_addr()
             .map_err(|source| Error::Bind {
@@ -1071,9 +1093,19 @@ impl Engine {
             })?
             .port();
         let mut socks = vec![sock];
-        for _ in 1..queues {
-            socks.push(bind_udp(listen_port, true)?.0);
+        while socks.len() < tun_readers.len() {
+            match bind_udp(listen_port, true) {
+                Ok((s, _)) => socks.push(s),
+                Err(e) => {
+                    tracing::warn!(tun = %name, error = %e,
+                        "cannot bind another socket on the listen port; running one packet queue");
+                    socks.truncate(1);
+                    tun_readers.truncate(1);
+                    tun_writers.clear();
+                }
+            }
         }
+        let queues = socks.len();
 
         let listener = match &cfg.uapi_socket {
             Some(p) => Some(bind_uapi(p)?),
