@@ -1,6 +1,7 @@
 //! The userspace WireGuard engine: a TUN device (`veil0`), UDP sockets on one
-//! port (one per packet queue) and a `boringtun::noise::Tunn` per peer. boringtun supplies only the protocol
-//! state machine; this module owns all I/O, threads, timers and peer demux.
+//! port (one per packet queue) and a `boringtun::noise::Tunn` per peer.
+//! boringtun supplies only the protocol state machine; this module owns all
+//! I/O, threads, timers and peer demux.
 //!
 //! # Threads
 //! - **tun->udp**: reads plaintext IP packets from the TUN device (64 KiB buffer,
@@ -2367,9 +2368,23 @@ mod tests {
     }
 
     #[test]
-    fn auto_queues_follow_the_cpus_within_bounds() {
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(auto_queues(), cpus.clamp(1, AUTO_QUEUES_MAX));
+    fn auto_queues_follow_the_cpus_the_process_may_use() {
+        assert!((1..=AUTO_QUEUES_MAX).contains(&auto_queues()));
+        // A thread pinned to one CPU (as a cpuset or `taskset` would pin the
+        // agent) gets one queue, whatever the machine has.
+        let pinned = std::thread::spawn(|| {
+            // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes
+            // bit 0 of the set we own.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            unsafe { libc::CPU_SET(0, &mut set) };
+            // SAFETY: pid 0 is the calling thread; the set is a live
+            // cpu_set_t of the size passed.
+            let rc =
+                unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+            assert_eq!(rc, 0, "sched_setaffinity: {}", io::Error::last_os_error());
+            auto_queues()
+        });
+        assert_eq!(pinned.join().unwrap(), 1);
     }
 
     #[test]
