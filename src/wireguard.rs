@@ -380,13 +380,12 @@ struct Counters {
     held_answered: AtomicU64,
     cookie_replies: AtomicU64,
     send_errors: AtomicU64,
-    tun_rx_packets: AtomicU64,
     tun_tx_packets: AtomicU64,
-    udp_rx_datagrams: AtomicU64,
     udp_tx_datagrams: AtomicU64,
     /// Shared with the packet threads, which publish their polling there.
     idle_poll: Arc<PollState>,
-    /// Per queue: tun->udp packets read, udp->tun datagrams received.
+    /// Per queue: tun->udp packets read, udp->tun datagrams received (the
+    /// engine's totals are their sums).
     queues: Box<[[AtomicU64; 2]]>,
 }
 
@@ -406,6 +405,14 @@ impl Counters {
 
     fn snapshot(&self) -> EngineCounters {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let queues: Vec<QueueCounters> = self
+            .queues
+            .iter()
+            .map(|[tun, udp]| QueueCounters {
+                tun_rx_packets: l(tun),
+                udp_rx_datagrams: l(udp),
+            })
+            .collect();
         EngineCounters {
             dropped_no_peer: l(&self.dropped_no_peer),
             dropped_no_endpoint: l(&self.dropped_no_endpoint),
@@ -417,19 +424,12 @@ impl Counters {
             held_answered: l(&self.held_answered),
             cookie_replies: l(&self.cookie_replies),
             send_errors: l(&self.send_errors),
-            tun_rx_packets: l(&self.tun_rx_packets),
+            tun_rx_packets: queues.iter().map(|q| q.tun_rx_packets).sum(),
             tun_tx_packets: l(&self.tun_tx_packets),
-            udp_rx_datagrams: l(&self.udp_rx_datagrams),
+            udp_rx_datagrams: queues.iter().map(|q| q.udp_rx_datagrams).sum(),
             udp_tx_datagrams: l(&self.udp_tx_datagrams),
             idle_poll: self.idle_poll.stats(),
-            queues: self
-                .queues
-                .iter()
-                .map(|[tun, udp]| QueueCounters {
-                    tun_rx_packets: l(tun),
-                    udp_rx_datagrams: l(udp),
-                })
-                .collect(),
+            queues,
         }
     }
 }
@@ -1666,9 +1666,6 @@ impl Shared {
                 }
             }
             if filled > 0 {
-                self.counters
-                    .tun_rx_packets
-                    .fetch_add(filled as u64, Ordering::Relaxed);
                 self.counters.queues[q][0].fetch_add(filled as u64, Ordering::Relaxed);
                 self.outbound(&segs[..filled], &sizes[..filled], &mut tx, q);
             }
@@ -1802,7 +1799,7 @@ impl Shared {
                     continue;
                 }
             };
-            let mut received = 0;
+            let received = &self.counters.queues[q][1];
             for m in 0..n {
                 let Some((data, from, seg)) = rx.message(m) else {
                     bump(&self.counters.dropped_invalid);
@@ -1810,8 +1807,7 @@ impl Shared {
                 };
                 let from = normalize(from);
                 for d in offload::datagrams(data, seg) {
-                    bump(&self.counters.udp_rx_datagrams);
-                    received += 1;
+                    bump(received);
                     if batch.is_full() {
                         self.flush_tun(&mut batch, q);
                     }
@@ -1822,7 +1818,6 @@ impl Shared {
                 }
             }
             self.flush_tun(&mut batch, q);
-            self.counters.queues[q][1].fetch_add(received, Ordering::Relaxed);
         }
     }
 
