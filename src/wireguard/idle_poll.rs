@@ -322,7 +322,12 @@ mod tests {
 
     /// A window grown to [`MAX`] by short waits.
     fn grown(shared: Arc<PollState>) -> (IdlePoll, Instant) {
-        let mut p = IdlePoll::new(MAX, shared, 0);
+        grown_at(shared, 0)
+    }
+
+    /// [`grown`] for the thread in slot `me`.
+    fn grown_at(shared: Arc<PollState>, me: usize) -> (IdlePoll, Instant) {
+        let mut p = IdlePoll::new(MAX, shared, me);
         let t = Instant::now();
         for _ in 0..4 {
             p.record(slept(0, 10), t);
@@ -415,11 +420,7 @@ mod tests {
     fn with_several_queues_any_busy_packet_thread_turns_polling_off() {
         // Three queues: six packet threads; this one is slot 4.
         let shared = Arc::new(PollState::new(6));
-        let mut p = IdlePoll::new(MAX, shared.clone(), 4);
-        let t = Instant::now();
-        for _ in 0..4 {
-            p.record(slept(0, 10), t);
-        }
+        let (p, t) = grown_at(shared.clone(), 4);
         assert_eq!(p.window(t), MAX);
         shared.load[5].store(80, Ordering::Relaxed);
         assert_eq!(p.window(t), Duration::ZERO);
