@@ -175,6 +175,20 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
     f
 }
 
+/// A counter family with one label, `key`, one counter per value.
+fn counters_by<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    key: &'static str,
+    values: [(&'static str, u64); N],
+) {
+    let f = counter_family(registry, name, help);
+    for (label, n) in values {
+        f.get_or_create(&vec![(key, label.into())]).inc_by(n);
+    }
+}
+
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let g = Gauge::<i64>::default();
     g.set(value);
@@ -286,22 +300,19 @@ pub fn render(s: &Snapshot) -> String {
             .inc_by(*n);
     }
 
-    let engine_packets = counter_family(
+    counters_by(
         &mut r,
         "engine_packets",
         "Packets through the WireGuard engine, by path.",
+        "path",
+        [
+            ("tun_rx", e.tun_rx_packets),
+            ("tun_tx", e.tun_tx_packets),
+            ("udp_rx", e.udp_rx_datagrams),
+            ("udp_tx", e.udp_tx_datagrams),
+            ("cookie_reply", e.cookie_replies),
+        ],
     );
-    for (path, n) in [
-        ("tun_rx", e.tun_rx_packets),
-        ("tun_tx", e.tun_tx_packets),
-        ("udp_rx", e.udp_rx_datagrams),
-        ("udp_tx", e.udp_tx_datagrams),
-        ("cookie_reply", e.cookie_replies),
-    ] {
-        engine_packets
-            .get_or_create(&vec![("path", path.into())])
-            .inc_by(n);
-    }
 
     let queue_packets = counter_family(
         &mut r,
@@ -316,21 +327,18 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
 
-    let polls = counter_family(
+    let p = &e.idle_poll;
+    counters_by(
         &mut r,
         "engine_idle_polls",
         "Waits of the engine's packet threads, by how they ended: caught by polling, slept, or polling cut short by preemption.",
+        "outcome",
+        [
+            ("caught", p.caught),
+            ("slept", p.slept),
+            ("preempted", p.preempted),
+        ],
     );
-    let p = &e.idle_poll;
-    for (outcome, n) in [
-        ("caught", p.caught),
-        ("slept", p.slept),
-        ("preempted", p.preempted),
-    ] {
-        polls
-            .get_or_create(&vec![("outcome", outcome.into())])
-            .inc_by(n);
-    }
     let polled = Counter::<f64, AtomicU64>::default();
     polled.inc_by(p.polled.as_secs_f64());
     r.register(
