@@ -5,6 +5,7 @@
 mod harness;
 
 use harness::netns::{require_root, unique_prefix, Netns};
+use harness::process::Bg;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -404,26 +405,25 @@ fn large_packets_cross_a_small_underlay() {
     assert!(wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])));
 
     // Capture the underlay while sending large packets: with IP_PMTUDISC_DONT
-    // the engine never sets DF, so the datagrams can be fragmented.
-    let mut cap =
-        p.a.cmd("timeout")
-            .args([
-                "5",
-                "tcpdump",
-                "-n",
-                "-v",
-                "-i",
-                "ua",
-                "--immediate-mode",
-                "-c",
-                "6",
-                "udp",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tcpdump");
-    std::thread::sleep(Duration::from_millis(500));
+    // the engine never sets DF, so the datagrams can be fragmented. The
+    // traffic starts only once tcpdump listens (a fixed pause was too short
+    // on a loaded host: the capture then saw nothing).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = p.a.cmd("tcpdump");
+    cmd.args([
+        "-n",
+        "-v",
+        "-l",
+        "-i",
+        "ua",
+        "--immediate-mode",
+        "-c",
+        "6",
+        "udp",
+    ]);
+    let mut cap = Bg::spawn("tcpdump -i ua", cmd, &dir.path().join("tcpdump.log"));
+    cap.wait_for_log("listening on", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("capture on ua: {e}"));
     assert!(p.ping_a_to_b(&["-s", "1472", "-M", "dont"]), "ping -s 1472");
     assert!(p.ping_a_to_b(&["-s", "3000"]), "ping -s 3000");
     assert!(
@@ -431,11 +431,10 @@ fn large_packets_cross_a_small_underlay() {
         "ping B -> A -s 3000"
     );
     tcp_transfer(&p.a, &p.b, 1 << 20);
-    let mut out = String::new();
-    if let Some(mut so) = cap.stdout.take() {
-        let _ = so.read_to_string(&mut out);
-    }
-    let _ = cap.wait();
+    // Six packets end the capture; give late ones a moment, then stop it.
+    let _ = wait_until(Duration::from_secs(5), || !cap.is_running());
+    cap.stop(Duration::from_secs(1));
+    let out = cap.log();
     assert!(out.contains("UDP"), "capture saw no tunnel traffic: {out}");
     assert!(
         !out.contains("[DF]"),
@@ -1335,11 +1334,11 @@ fn a_flood_of_unknown_initiations_is_bounded_and_answers_nobody() {
 /// takes in with `recvmmsg`, arrives complete and in order: batching
 /// regroups packets by peer and must never reorder a flow.
 /// Sends `flows` UDP flows from A's pod to B's, interleaved in paced bursts
-/// (each flow its own source port, each datagram `[seq: u32, flow: u8]`),
-/// and returns the sequence numbers B received, per flow, in arrival order.
-fn udp_bursts(p: &Pair, flows: u8, per_flow: u32) -> Vec<Vec<u32>> {
+/// of `per_burst` datagrams per flow (each flow its own source port, each
+/// datagram `[seq: u32, flow: u8]`), and returns the sequence numbers B
+/// received, per flow, in arrival order.
+fn udp_bursts(p: &Pair, flows: u8, per_flow: u32, per_burst: u32) -> Vec<Vec<u32>> {
     use socket2::{Domain, Socket, Type};
-    const PER_BURST: u32 = 10;
     let total = usize::from(flows) * per_flow as usize;
     let rx = p.b.run(|| {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket in B");
@@ -1379,9 +1378,9 @@ fn udp_bursts(p: &Pair, flows: u8, per_flow: u32) -> Vec<Vec<u32>> {
             .map(|_| UdpSocket::bind("10.244.1.1:0").expect("bind in A"))
             .collect();
         let mut payload = [0x5au8; 64];
-        for burst in 0..per_flow.div_ceil(PER_BURST) {
+        for burst in 0..per_flow.div_ceil(per_burst) {
             for (flow, tx) in txs.iter().enumerate() {
-                for seq in burst * PER_BURST..((burst + 1) * PER_BURST).min(per_flow) {
+                for seq in burst * per_burst..((burst + 1) * per_burst).min(per_flow) {
                     payload[..4].copy_from_slice(&seq.to_be_bytes());
                     payload[4] = flow as u8;
                     tx.send_to(&payload, "10.244.2.1:5002").expect("send in A");
@@ -1418,9 +1417,10 @@ fn udp_bursts_cross_batched_in_order() {
         wait_until(Duration::from_secs(10), || p.ping_a_to_b(&[])),
         "ping A -> B through the tunnel never succeeded"
     );
+    // 20 bursts of 200: several packets per TUN read and GSO send.
     const TOTAL: u32 = 4000;
     let sent_before = p.ea().counters().udp_tx_datagrams;
-    assert_complete_and_in_order(&udp_bursts(&p, 1, TOTAL), TOTAL);
+    assert_complete_and_in_order(&udp_bursts(&p, 1, TOTAL, 200), TOTAL);
     let sent = p.ea().counters().udp_tx_datagrams - sent_before;
     assert!(sent >= u64::from(TOTAL), "engine A sent {sent} datagrams");
 }
@@ -1440,7 +1440,7 @@ fn queues_spread_flows_and_keep_each_in_order() {
         "ping A -> B through the tunnel never succeeded"
     );
     let before = p.ea().counters();
-    assert_complete_and_in_order(&udp_bursts(&p, FLOWS, PER_FLOW), PER_FLOW);
+    assert_complete_and_in_order(&udp_bursts(&p, FLOWS, PER_FLOW, 10), PER_FLOW);
     let after = p.ea().counters();
     // The kernel hashes each flow to a queue: with 24 flows over 3 queues,
     // every queue gets some (all on two of them: p = 3 * (2/3)^24 < 2e-4).
